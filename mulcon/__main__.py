@@ -1,0 +1,5 @@
+import sys
+
+from mulcon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate} --params params.yaml [-S key=value ...]`.
+
+DVC stages and Kubeflow components call these same verbs. Bad input (a mistyped key, a missing
+dataset, a corrupt annotation file) prints one line naming the file, line or key, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mulcon.config import Config, load_config
+from mulcon.errors import MulconError
+
+logger = logging.getLogger("mulcon")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. -S train.pretrain_epochs=3 (repeatable)")
+
+
+def make_demo(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.data.demo import make_demo as generate
+
+    out_dir = Path(args.out or Path(config.data.root) / "demo")
+    summary = generate(out_dir, num_train=config.demo.num_train, num_val=config.demo.num_val,
+                       image_size=config.demo.image_size, seed=config.demo.seed)
+    logger.info("demo dataset in %s: %s", out_dir, json.dumps(summary.get("counts", summary), default=str))
+
+
+def prepare(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.data.prepare import prepare as run
+
+    report = run(config.data.dataset, config.data.raw_dir, config.data.prepared_dir,
+                 val_fraction=config.data.val_fraction, seed=config.train.seed)
+    logger.info("prepared %s in %s: %s", config.data.dataset, config.data.prepared_dir,
+                json.dumps(report.get("counts", {})))
+
+
+def train(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.train import run_training
+
+    stages = None if args.stage == "all" else (args.stage,)
+    path = run_training(config, out_dir=args.out_dir, stages=stages, resume=args.resume)
+    logger.info("model: %s", path)
+
+
+def evaluate(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.evaluate import evaluate_model, format_table
+
+    variant = config.train.variant
+    model_path = args.model or Path(config.train.out_root) / variant / "model.pt"
+    out_dir = args.out_dir or Path(config.evaluate.out_root) / variant
+    metrics = evaluate_model(config, model_path, out_dir)
+    print(f"{variant} on {config.data.dataset}/{metrics['split']} ({metrics['num_images']} images, "
+          f"model selected on: {metrics['selected_on']})")
+    print(format_table(metrics))
+
+
+COMMANDS = {
+    "make-demo": (make_demo, "generate the demo dataset (COCO format) under <data.root>/demo"),
+    "prepare": (prepare, "read the raw dataset, check images, write manifests to <data.prepared_root>/<dataset>"),
+    "train": (train, "train train.variant (both steps of its plan, or one with --stage)"),
+    "evaluate": (evaluate, "score a model on evaluate.split and write metrics, per-class AP and PR curves"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mulcon", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _common(sub)
+        if name == "make-demo":
+            sub.add_argument("--out", help="output folder (default: <data.root>/demo)")
+        if name == "train":
+            sub.add_argument("--stage", choices=("all", "pretrain", "finetune"), default="all",
+                             help="run one stage of the variant's plan (default: all)")
+            sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+            sub.add_argument("--out-dir", help="default: <train.out_root>/<train.variant>")
+        if name == "evaluate":
+            sub.add_argument("--model", help="model file (default: <train.out_root>/<train.variant>/model.pt)")
+            sub.add_argument("--out-dir", help="default: <evaluate.out_root>/<train.variant>")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        config = load_config(args.params, args.overrides)
+        COMMANDS[args.command][0](config, args)
+    except MulconError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0

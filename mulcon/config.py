@@ -1,0 +1,247 @@
+"""Typed configuration: frozen dataclasses mirroring the sections of `params.yaml`.
+
+`load_config` is the one place a config is read. Unknown keys, wrong types and invalid values
+are errors that name the key (`train.epochs`), so a typo never silently falls back to a default.
+A value has one name everywhere: YAML key, dataclass field, CLI override and MLflow param.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from mulcon.errors import ConfigError
+
+DATASETS = ("demo", "coco2014", "nuswide")
+BACKBONES = ("resnet18", "resnet50", "resnet101")
+VARIANTS = ("backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain", "mulcon")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "demo"  # demo | coco2014 | nuswide: raw data in <root>/<dataset>
+    root: str = "data"  # raw data folder, versioned by data.dvc
+    prepared_root: str = "prepared"  # prepare writes manifests to <prepared_root>/<dataset>
+    image_size: int = 448  # training and evaluation resolution (square)
+    val_fraction: float = 0.1  # validation split carved from train; 0 disables it
+    num_workers: int = 2  # DataLoader worker processes
+    randaugment: bool = True  # RandAugment in the training transform (paper section 4)
+
+    @property
+    def raw_dir(self) -> Path:
+        return Path(self.root) / self.dataset
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.prepared_root) / self.dataset
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    num_train: int = 800  # generated training images
+    num_val: int = 300  # generated val2014 images (our test split)
+    image_size: int = 128  # generated image side in pixels
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet101"  # resnet18 | resnet50 | resnet101 (torchvision)
+    pretrained: bool = True  # ImageNet weights through torchvision's loader
+    embed_dim: int = 1024  # D, width of the label-level embeddings
+    num_heads: int = 4  # h in Eq. 2
+    projection_dim: int = 128  # d_z, output of the contrastive projector
+    token_self_attention: int = 0  # authors' code: 2 self-attention blocks over image tokens
+    label_self_attention: int = 0  # authors' code: 1 self-attention block over label embeddings
+    layer_norm: bool = False  # authors' code: LayerNorm after each residual
+    attention_scale: str = "none"  # none (Eq. 1) | head (1/sqrt(D/h)) | full (1/sqrt(D), authors' code)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    classification: str = "bce"  # bce (Eq. 7) | asl (asymmetric loss, Ben-Baruch et al.)
+    contrastive_weight: float = 0.1  # gamma in Eq. 9
+    temperature: float = 0.2  # tau in Eq. 8
+    asl_gamma_pos: float = 0.0
+    asl_gamma_neg: float = 4.0
+    asl_clip: float = 0.05
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Step 1: BCE only, Adam with a one-cycle schedule."""
+
+    lr: float = 2.0e-4  # maximum learning rate of the one-cycle policy
+    weight_decay: float = 0.0
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Step 2: BCE + contrastive_weight * L_con on two views, SGD with step decay."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    lr_step_epochs: int = 20  # divide the learning rate by lr_step_factor every this many epochs
+    lr_step_factor: float = 0.1
+    batch_size: int = 32  # images; two views make 2 x batch_size rows
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    variant: str = "mulcon"  # one of the five Table 3 variants
+    pretrain_epochs: int = 20  # step-1 epochs; every variant trains pretrain + finetune epochs
+    finetune_epochs: int = 20  # step-2 epochs
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "bf16"  # bf16 | fp16 | fp32: autocast dtype on CUDA (CPU always runs fp32)
+    ema_decay: float = 0.0  # exponential moving average of the weights; 0 disables it
+    grad_clip: float = 0.0  # maximum gradient norm; 0 disables clipping
+    select_on_val: bool = False  # keep the epoch with the best val mAP instead of the last one
+    out_root: str = "runs"  # checkpoints and models in <out_root>/<variant>/<stage>
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    split: str = "test"  # train | val | test
+    threshold: float = 0.5  # probability threshold of CP/CR/CF1/OP/OR/OF1
+    batch_size: int = 64
+    out_root: str = "reports"  # metrics and per-class AP in <out_root>/<variant>
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+CHOICES = {
+    "data.dataset": DATASETS,
+    "model.backbone": BACKBONES,
+    "model.attention_scale": ("none", "head", "full"),
+    "loss.classification": ("bce", "asl"),
+    "train.variant": VARIANTS,
+    "train.precision": ("bf16", "fp16", "fp32"),
+    "evaluate.split": ("train", "val", "test"),
+}
+POSITIVE = {
+    "data.image_size", "demo.num_train", "demo.num_val", "demo.image_size", "model.embed_dim",
+    "model.num_heads", "model.projection_dim", "loss.temperature", "pretrain.lr", "pretrain.batch_size",
+    "finetune.lr", "finetune.lr_step_epochs", "finetune.batch_size", "evaluate.batch_size",
+}
+
+
+def _check_value(key: str, value: Any, kind: type) -> Any:
+    """Return `value` as `kind`, or raise ConfigError naming `key`."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    if key in POSITIVE and value <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value!r}")
+    if kind in (int, float) and key not in POSITIVE and value < 0:
+        raise ConfigError(f"{key}: must not be negative, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a mapping, got {type(value).__name__}")
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", value, kind)
+    return cls(**kwargs)
+
+
+def _apply_override(values: dict[str, Any], override: str) -> None:
+    """Set `section.key=value` in the nested dict; the value is parsed as YAML (3, 0.1, true, text)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.pretrain_epochs=3")
+    parts = key.strip().split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({error})") from error
+
+
+def config_from_dict(values: dict[str, Any], overrides: Iterable[str] = ()) -> Config:
+    """Build a validated Config from nested dicts plus `key=value` overrides."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for override in overrides:
+        _apply_override(values, override)
+    config = _build(Config, values, "")
+    if config.model.embed_dim % config.model.num_heads:
+        raise ConfigError(
+            f"model.embed_dim: {config.model.embed_dim} is not divisible by model.num_heads "
+            f"{config.model.num_heads}"
+        )
+    if not 0 <= config.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
+    return config
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read `params.yaml` at `path`, apply `overrides` (like `train.pretrain_epochs=3`), validate.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key is unknown, mistyped or invalid;
+            the message names the file and the key.
+    """
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read params file ({error.strerror})") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        reason = getattr(error, "problem", None) or error
+        raise ConfigError(f"{path}: not valid YAML{where}: {reason}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def to_flat_dict(config: Config) -> dict[str, Any]:
+    """Dotted names (`train.seed`) to values: the MLflow params and the resolved config on disk."""
+    return {
+        f"{section.name}.{item.name}": getattr(getattr(config, section.name), item.name)
+        for section in dataclasses.fields(config)
+        for item in dataclasses.fields(getattr(config, section.name))
+    }
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,155 @@
+"""Evaluation: scores on a split, the metrics of REFERENCE.md, per-class AP and PR-curve data.
+
+The numbers are those of the model file given (the final model of a run, or a checkpoint
+selected on the validation split, which the model file then says); nothing here chooses a model
+by looking at the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mulcon import checkpoint
+from mulcon.config import Config, config_from_dict
+from mulcon.data.dataset import ManifestDataset, load_classes
+from mulcon.data.transforms import eval_transform
+from mulcon.errors import CheckpointError
+from mulcon.io import write_json, write_text
+from mulcon.metrics import average_precision, multilabel_metrics
+from mulcon.model import build_model
+
+logger = logging.getLogger(__name__)
+
+PR_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA; CPU always computes in fp32 (deterministic, and fast enough)."""
+    enabled = device.type == "cuda" and precision != "fp32"
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def eval_loader(config: Config, split: str, batch_size: int) -> DataLoader:
+    dataset = ManifestDataset(config.data.prepared_dir, split, eval_transform(config.data.image_size))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=config.data.num_workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device,
+                   precision: str = "fp32", progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores and targets of every image of `loader`, in its order.
+
+    Returns:
+        scores (N, L) float32 probabilities, targets (N, L) float32 in {0, 1}.
+    """
+    was_training = model.training
+    model.eval()
+    scores, targets = [], []
+    for images, target in tqdm(loader, desc=progress, disable=progress is None, leave=False):
+        with autocast(device, precision):
+            logits = model(images.to(device, non_blocking=True)).logits
+        scores.append(torch.sigmoid(logits.float()).cpu())
+        targets.append(target)
+    model.train(was_training)
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network saved by training (`model.pt`) and return it with its metadata."""
+    state = checkpoint.load(path)
+    if "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path}: not a mulcon model file (no model weights or config)")
+    config = config_from_dict(state["config"], ["model.pretrained=false"])
+    model = build_model(config.model, len(state["classes"]), state["label_level"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def pr_curve_rows(scores: np.ndarray, targets: np.ndarray, classes: list[str]) -> list[tuple]:
+    """(class, threshold, precision, recall) at 101 thresholds, per class and micro-averaged ("all")."""
+    positives = targets > 0.5
+    actual = positives.sum(0)  # (L,)
+    true_pos = np.empty((len(PR_THRESHOLDS), len(classes)), dtype=np.int64)
+    pred_pos = np.empty_like(true_pos)
+    for t, threshold in enumerate(PR_THRESHOLDS):  # a loop keeps memory at one (N, L) mask
+        predicted = scores >= threshold
+        true_pos[t], pred_pos[t] = (predicted & positives).sum(0), predicted.sum(0)
+    rows = []
+    columns = [(name, true_pos[:, c], pred_pos[:, c], actual[c]) for c, name in enumerate(classes)]
+    columns.append(("all", true_pos.sum(1), pred_pos.sum(1), actual.sum()))
+    for name, tp, pp, pos in columns:
+        precision = np.where(pp > 0, tp / np.maximum(pp, 1), 1.0)
+        recall = tp / np.maximum(pos, 1)
+        rows.extend((name, round(t, 2), round(float(p), 6), round(float(r), 6))
+                    for t, p, r in zip(PR_THRESHOLDS, precision, recall))
+    return rows
+
+
+def _csv_text(header: list[str], rows: list) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np.ndarray,
+                  scores: np.ndarray, targets: np.ndarray, classes: list[str]) -> None:
+    """metrics.json, per_class_ap.csv and pr_curve.csv in `out_dir`, each written atomically."""
+    out_dir = Path(out_dir)
+    ap_rows = [(name, int(targets[:, c].sum()), "" if np.isnan(ap) else round(float(ap), 4))
+               for c, (name, ap) in enumerate(zip(classes, per_class_ap))]
+    write_text(out_dir / "per_class_ap.csv", _csv_text(["class", "positives", "ap"], ap_rows))
+    write_text(out_dir / "pr_curve.csv", _csv_text(["class", "threshold", "precision", "recall"],
+                                                      pr_curve_rows(scores, targets, classes)))
+    write_json(out_dir / "metrics.json", metrics)
+
+
+def evaluate_model(config: Config, model_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score the model at `model_path` on `config.evaluate.split` and write the reports.
+
+    Returns:
+        The metrics dict (percent) plus `split`, `num_images`, `variant` and `selected_on`.
+    """
+    device = resolve_device(config.train.device)
+    model, state = load_model(model_path, device)
+    loader = eval_loader(config, config.evaluate.split, config.evaluate.batch_size)
+    classes = load_classes(config.data.prepared_dir)
+    if len(classes) != len(state["classes"]):
+        raise CheckpointError(f"{model_path}: model has {len(state['classes'])} labels, "
+                              f"{config.data.prepared_dir} has {len(classes)}")
+    scores, targets = predict_scores(model, loader, device, config.train.precision, progress="evaluate")
+    metrics = multilabel_metrics(scores, targets, threshold=config.evaluate.threshold)
+    metrics = {key: round(value, 4) for key, value in metrics.items()}
+    metrics.update(split=config.evaluate.split, num_images=int(len(scores)), variant=state.get("variant"),
+                   selected_on=state.get("selected_on", "final"))
+    if out_dir is not None:
+        write_reports(out_dir, metrics, average_precision(scores, targets), scores, targets, classes)
+    return metrics
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The metrics as the paper's tables print them (mAP, CP, CR, CF1, OP, OR, OF1 and top-3)."""
+    keys = ["mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"]
+    lines = ["| " + " | ".join(["", *keys]) + " |", "|" + "---|" * (len(keys) + 1),
+             "| all | " + " | ".join(f"{metrics[k]:.1f}" for k in keys) + " |",
+             "| top-3 | - | " + " | ".join(f"{metrics[k + '_top3']:.1f}" for k in keys[1:]) + " |"]
+    return "\n".join(lines)

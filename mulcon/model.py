@@ -1,0 +1,210 @@
+"""MulCon and the Baseline of Table 3 (paper section 2.2, Figure 1).
+
+MulCon = CNN encoder (tokens r_i, Eq. 6) -> LabelAttention (label-level embeddings g_i, Eq. 2, 3, 6)
+-> one linear classifier per label (s_ij) and a two-layer projector (z_ij, section 2.2).
+The Baseline is the backbone with global average pooling, one linear classifier and an
+image-level projector for the image-level SupCon ablation ("Backbone with BCE + SCL").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mulcon.config import BACKBONES, ModelConfig
+from mulcon.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_SCALES = ("none", "head", "full")
+
+
+def _scale(attention_scale: str, embed_dim: int, num_heads: int) -> float:
+    if attention_scale == "none":  # Eq. 1: softmax(QK^T), no scaling
+        return 1.0
+    if attention_scale == "head":  # the transformer's 1/sqrt(d_head)
+        return 1.0 / math.sqrt(embed_dim // num_heads)
+    if attention_scale == "full":  # the authors' code: 1/sqrt(D), the full width
+        return 1.0 / math.sqrt(embed_dim)
+    raise ConfigError(f"model.attention_scale: {attention_scale!r} is not one of {', '.join(ATTENTION_SCALES)}")
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)  # (B, h, n, D/h)
+
+
+def _attend(query, key, value, num_heads: int, scale: float, need_weights: bool):
+    """Multi-head attention core of Eq. 2 on projected inputs; returns (output, weights or None)."""
+    q, k, v = (_split_heads(t, num_heads) for t in (query, key, value))  # (B, h, n, D/h)
+    if need_weights:
+        weights = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)  # (B, h, Lq, N)
+        out = weights @ v
+    else:  # fused kernel; identical math
+        weights, out = None, F.scaled_dot_product_attention(q, k, v, scale=scale)
+    batch, _, length, _ = out.shape
+    return out.transpose(1, 2).reshape(batch, length, -1), weights  # (B, Lq, D)
+
+
+class SelfAttentionBlock(nn.Module):
+    """A transformer block (attention + ReLU feed-forward): the authors' code variant only."""
+
+    def __init__(self, dim: int, num_heads: int, layer_norm: bool, scale: float):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, scale
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.feed_forward = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, n, dim) -> (B, n, dim)
+        attended, _ = _attend(*self.qkv(x).chunk(3, dim=-1), self.num_heads, self.scale, False)
+        x = self.norm1(x + self.out(attended))
+        return self.norm2(x + F.relu(self.feed_forward(x)))
+
+
+class LabelAttention(nn.Module):
+    """Label-level embeddings g = MultiAttBlock(U, r, r) (Eq. 2, 3, 6).
+
+    Args:
+        in_dim: C, channels of the image tokens and of the label queries U.
+        num_labels: L.
+        embed_dim: D, width of the label-level embeddings.
+        num_heads: h.
+        token_self_attention, label_self_attention, layer_norm, attention_scale: the authors'
+            code variants (blocks over tokens before, over labels after, LayerNorm, scaling).
+    """
+
+    def __init__(self, in_dim: int, num_labels: int, embed_dim: int, num_heads: int, *,
+                 token_self_attention: int = 0, label_self_attention: int = 0,
+                 layer_norm: bool = False, attention_scale: str = "none"):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ConfigError(f"model.embed_dim {embed_dim} is not divisible by model.num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = _scale(attention_scale, embed_dim, num_heads)
+        self.label_queries = nn.Parameter(torch.randn(num_labels, in_dim))  # U (L, C), normal init
+        self.query = nn.Linear(in_dim, embed_dim)  # concat_h(W_h^q)
+        self.key = nn.Linear(in_dim, embed_dim)
+        self.value = nn.Linear(in_dim, embed_dim)
+        self.out = nn.Linear(embed_dim, embed_dim)  # W^o
+        self.refine = nn.Linear(embed_dim, embed_dim)  # W^{q'} of Eq. 3
+        self.norm1 = nn.LayerNorm(embed_dim) if layer_norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(embed_dim) if layer_norm else nn.Identity()
+        token_scale = _scale(attention_scale, in_dim, num_heads)
+        self.token_blocks = nn.ModuleList(
+            SelfAttentionBlock(in_dim, num_heads, layer_norm, token_scale) for _ in range(token_self_attention))
+        self.label_blocks = nn.ModuleList(
+            SelfAttentionBlock(embed_dim, num_heads, layer_norm, self.scale) for _ in range(label_self_attention))
+
+    def forward(self, tokens: torch.Tensor, need_weights: bool = False):
+        """Map image tokens (B, N, C) to label embeddings (B, L, D); weights (B, h, L, N) if asked."""
+        for block in self.token_blocks:
+            tokens = block(tokens)
+        batch = tokens.shape[0]
+        query = self.query(self.label_queries).unsqueeze(0).expand(batch, -1, -1)  # (B, L, D)
+        attended, weights = _attend(query, self.key(tokens), self.value(tokens),
+                                    self.num_heads, self.scale, need_weights)
+        queries = self.norm1(query + self.out(attended))  # Q' of Eq. 3
+        embeddings = self.norm2(queries + self.refine(queries))  # g = Q' + Q'W^{q'}
+        for block in self.label_blocks:
+            embeddings = block(embeddings)
+        return (embeddings, weights) if need_weights else embeddings
+
+
+def build_backbone(name: str, pretrained: bool) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without pooling and classifier, and its channel count C.
+
+    `pretrained` takes the ImageNet weights through torchvision's own loader (cached under
+    $TORCH_HOME/hub/checkpoints); with no network and no cached file this raises a clear error.
+    """
+    import torchvision
+
+    if name not in BACKBONES:
+        raise ConfigError(f"model.backbone: {name!r} is not one of {', '.join(BACKBONES)}")
+    weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    try:
+        resnet = torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as error:
+        if weights is None:
+            raise
+        hub = torch.hub.get_dir()
+        raise ConfigError(
+            f"model.pretrained: cannot load ImageNet weights for {name} ({error}); put "
+            f"{weights.url.rsplit('/', 1)[-1]} in {hub}/checkpoints or set model.pretrained=false"
+        ) from error
+    channels = resnet.fc.in_features
+    return nn.Sequential(*list(resnet.children())[:-2]), channels  # (B, C, H/32, W/32)
+
+
+class Projector(nn.Module):
+    """Proj(.): two linear layers with a ReLU between; outputs are L2-normalised (section 2.2)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_dim) -> (..., out_dim)
+        return F.normalize(self.layers(x), dim=-1)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, L)
+    projections: torch.Tensor  # (B, L, d_z) for MulCon, (B, d_z) for the Baseline
+    label_embeddings: torch.Tensor | None = None  # (B, L, D), MulCon only
+    attention: torch.Tensor | None = None  # (B, h, L, H*W) when asked, MulCon only
+
+
+class MulCon(nn.Module):
+    """The MulCon network of Figure 1."""
+
+    def __init__(self, num_labels: int, backbone: str = "resnet101", pretrained: bool = True,
+                 embed_dim: int = 1024, num_heads: int = 4, projection_dim: int = 128, **attention):
+        super().__init__()
+        self.backbone, channels = build_backbone(backbone, pretrained)
+        self.label_attention = LabelAttention(channels, num_labels, embed_dim, num_heads, **attention)
+        # One Linear(D, 1) per label f_c^j, stored as one (L, D) weight so all run in one op.
+        self.classifier_weight = nn.Parameter(torch.empty(num_labels, embed_dim))
+        self.classifier_bias = nn.Parameter(torch.zeros(num_labels))
+        nn.init.uniform_(self.classifier_weight, -1 / math.sqrt(embed_dim), 1 / math.sqrt(embed_dim))
+        self.projector = Projector(embed_dim, projection_dim)
+
+    def forward(self, images: torch.Tensor, need_attention: bool = False) -> ModelOutput:
+        features = self.backbone(images)  # (B, C, H', W')
+        tokens = features.flatten(2).transpose(1, 2)  # (B, H'W', C)
+        result = self.label_attention(tokens, need_weights=need_attention)
+        embeddings, attention = result if need_attention else (result, None)  # (B, L, D)
+        logits = (embeddings * self.classifier_weight).sum(-1) + self.classifier_bias  # (B, L)
+        return ModelOutput(logits, self.projector(embeddings), embeddings, attention)
+
+
+class Baseline(nn.Module):
+    """Backbone + global average pooling + linear classifier, with an image-level projector."""
+
+    def __init__(self, num_labels: int, backbone: str = "resnet101", pretrained: bool = True,
+                 projection_dim: int = 128):
+        super().__init__()
+        self.backbone, channels = build_backbone(backbone, pretrained)
+        self.classifier = nn.Linear(channels, num_labels)
+        self.projector = Projector(channels, projection_dim)
+
+    def forward(self, images: torch.Tensor, need_attention: bool = False) -> ModelOutput:
+        pooled = self.backbone(images).mean(dim=(2, 3))  # (B, C)
+        return ModelOutput(self.classifier(pooled), self.projector(pooled))
+
+
+def build_model(config: ModelConfig, num_labels: int, label_level: bool) -> nn.Module:
+    """MulCon when `label_level`, else the Baseline, from the model section of the config."""
+    if label_level:
+        return MulCon(num_labels, config.backbone, config.pretrained, config.embed_dim, config.num_heads,
+                      config.projection_dim, token_self_attention=config.token_self_attention,
+                      label_self_attention=config.label_self_attention, layer_norm=config.layer_norm,
+                      attention_scale=config.attention_scale)
+    return Baseline(num_labels, config.backbone, config.pretrained, config.projection_dim)

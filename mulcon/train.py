@@ -1,0 +1,267 @@
+"""Two-step training of MulCon and of the Table 3 variants (paper section 2.3 and section 4).
+
+`run_training` runs the plan of `train.variant` (see `mulcon.variants`): each step is a stage,
+`pretrain` or `finetune`, with its own folder `<out_dir>/<stage>` holding `checkpoint.pt` (written
+atomically every epoch), `history.json` (one record per epoch) and, once the stage is done,
+`model.pt`. The variant's final model is `<out_dir>/model.pt`. A killed run continues from its
+last checkpoint with `resume=True` and, on CPU, ends with the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mulcon import checkpoint
+from mulcon.config import Config, to_dict
+from mulcon.data.dataset import ManifestDataset, load_classes
+from mulcon.data.sampling import EpochSampler, SeededDataset
+from mulcon.data.transforms import train_transform
+from mulcon.errors import CheckpointError, TrainingError
+from mulcon.evaluate import autocast, eval_loader, predict_scores, resolve_device
+from mulcon.io import atomic_path, write_json
+from mulcon.losses import asymmetric_loss, bce_loss, image_contrastive_loss, label_contrastive_loss
+from mulcon.metrics import multilabel_metrics
+from mulcon.model import build_model
+from mulcon.optim import ModelEma, build_optimizer, build_scheduler
+from mulcon.variants import Plan, Step, plan_variant
+
+logger = logging.getLogger(__name__)
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class Objective:
+    """BCE (or ASL) + contrastive_weight * contrastive loss (Eq. 9) for one step of a plan."""
+
+    def __init__(self, config: Config, contrastive: str | None):
+        self.loss, self.contrastive = config.loss, contrastive
+
+    def __call__(self, output, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.loss.classification == "asl":
+            classification = asymmetric_loss(output.logits, targets, self.loss.asl_gamma_pos,
+                                             self.loss.asl_gamma_neg, self.loss.asl_clip)
+        else:
+            classification = bce_loss(output.logits, targets)
+        terms = {"bce": classification}
+        if self.contrastive == "label":
+            terms["contrastive"] = label_contrastive_loss(output.projections, targets, self.loss.temperature)
+        elif self.contrastive == "image":
+            terms["contrastive"] = image_contrastive_loss(output.projections, targets, self.loss.temperature)
+        terms["total"] = classification + self.loss.contrastive_weight * terms.get("contrastive", 0.0)
+        return terms
+
+
+def train_loader(config: Config, step: Step) -> DataLoader:
+    """Shuffled, augmented batches; two independent views per image when the step is contrastive."""
+    batch_size = config.pretrain.batch_size if step.stage == "pretrain" else config.finetune.batch_size
+    views = 2 if step.contrastive else 1
+    dataset = ManifestDataset(config.data.prepared_dir, "train",
+                              train_transform(config.data.image_size, config.data.randaugment), views=views)
+    sampler = EpochSampler(len(dataset), config.train.seed, batch_size=batch_size, drop_last=True)
+    workers = config.data.num_workers
+    return DataLoader(SeededDataset(dataset, config.train.seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def _rows(images, targets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the views of a batch as rows (view 1 of every image, then view 2) with their targets."""
+    if isinstance(images, (list, tuple)):
+        targets = targets.repeat(len(images), 1)
+        images = torch.cat(list(images))
+    return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, objective: Objective, optimizer, scheduler,
+                    step_per_batch: bool, device: torch.device, config: Config, scaler, ema, epoch: int) -> dict[str, float]:
+    """One pass over `loader`; returns the mean of each loss term and the throughput."""
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    started, images_seen = time.perf_counter(), 0
+    batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None)
+    for index, (images, targets) in enumerate(batches):
+        images, targets = _rows(images, targets, device)
+        with autocast(device, config.train.precision):
+            terms = objective(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms["total"]).backward()
+        if config.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if step_per_batch:
+            scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        images_seen += len(images)
+        # Checked every 20 batches (not every batch, which would sync the GPU) and always before
+        # the epoch's checkpoint, so non-finite weights never reach the disk.
+        if (index + 1) % 20 == 0 or index + 1 == len(loader):
+            if not math.isfinite(float(sums["total"])):
+                raise TrainingError(f"non-finite loss in epoch {epoch + 1} by batch {index + 1}; "
+                                    "lower the learning rate or enable train.grad_clip")
+    seconds = time.perf_counter() - started
+    means = {name: float(value) / max(1, len(loader)) for name, value in sums.items()}
+    return {**means, "seconds": seconds, "images_per_second": images_seen / max(seconds, 1e-9)}
+
+
+def _validate(model: nn.Module, val: DataLoader | None, device: torch.device, config: Config) -> dict[str, float]:
+    if val is None:
+        return {}
+    scores, targets = predict_scores(model, val, device, config.train.precision)
+    metrics = multilabel_metrics(scores, targets, config.evaluate.threshold)
+    return {f"val_{key}": metrics[key] for key in ("mAP", "CF1", "OF1")}
+
+
+def _model_file(model: nn.Module, config: Config, plan: Plan, step: Step, classes: list[str],
+                epoch: int, selected_on: str, val: dict[str, float]) -> dict[str, Any]:
+    return {"model": model.state_dict(), "config": to_dict(config), "classes": classes,
+            "label_level": plan.label_level, "variant": plan.variant, "stage": step.stage,
+            "epoch": epoch, "selected_on": selected_on, "val": val}
+
+
+class StageRun:
+    """The objects of one stage (model, optimizer, schedule, scaler, EMA) and their checkpointing."""
+
+    def __init__(self, config: Config, plan: Plan, step: Step, model: nn.Module, device: torch.device,
+                 steps_per_epoch: int, num_labels: int):
+        self.config, self.plan, self.step, self.model, self.num_labels = config, plan, step, model, num_labels
+        self.optimizer = build_optimizer(config, step.stage, model)
+        self.scheduler, self.step_per_batch = build_scheduler(config, step.stage, self.optimizer, step.epochs, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config.train.precision == "fp16")
+        self.ema = ModelEma(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "epoch": epoch, "rng": checkpoint.rng_states(),
+                "history": self.history, "best": self.best, "config": to_dict(self.config),
+                "variant": self.plan.variant, "stage": self.step.stage, "num_labels": self.num_labels}
+
+    def restore(self, state: dict[str, Any], path: Path) -> int:
+        if state.get("num_labels") != self.num_labels or state.get("variant") != self.plan.variant:
+            raise CheckpointError(f"{path}: made for variant {state.get('variant')} with {state.get('num_labels')} "
+                                  f"labels, cannot resume {self.plan.variant} with {self.num_labels} labels")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.history, self.best = state["history"], state["best"]
+        checkpoint.set_rng_states(state["rng"])
+        return state["epoch"]
+
+    def evaluated_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_dir: Path, *, resume: bool,
+                device: torch.device, classes: list[str], callback: EpochCallback | None = None) -> dict[str, Any]:
+    """Train `model` for one step of `plan`, checkpointing every epoch into `out_dir`.
+
+    Returns:
+        The content of the stage's `model.pt` (weights of the final or the val-selected epoch).
+    """
+    loader = train_loader(config, step)
+    val = eval_loader(config, "val", config.evaluate.batch_size) if config.data.val_fraction > 0 else None
+    run = StageRun(config, plan, step, model, device, len(loader), len(classes))
+    path, start = out_dir / "checkpoint.pt", 0
+    if resume and path.exists():
+        start = run.restore(checkpoint.load(path), path)
+        logger.info("resuming %s/%s from epoch %d", plan.variant, step.stage, start)
+    objective = Objective(config, step.contrastive)
+    for epoch in range(start, step.epochs):
+        loader.sampler.set_epoch(epoch)
+        lr = run.optimizer.param_groups[0]["lr"]
+        record = train_one_epoch(model, loader, objective, run.optimizer, run.scheduler, run.step_per_batch,
+                                 device, config, run.scaler, run.ema, epoch)
+        if not run.step_per_batch:
+            run.scheduler.step()
+        record = {"stage": step.stage, "epoch": epoch + 1, "lr": lr, **record,
+                  **_validate(run.evaluated_model(), val, device, config)}
+        run.history.append(record)
+        if config.train.select_on_val and val is not None and (run.best is None or record["val_mAP"] > run.best["val"]["val_mAP"]):
+            run.best = _model_file(run.evaluated_model(), config, plan, step, classes, epoch + 1, "val", record)
+        checkpoint.save(path, run.state(epoch + 1))
+        write_json(out_dir / "history.json", run.history)
+        logger.info("%s/%s epoch %d/%d: %s", plan.variant, step.stage, epoch + 1, step.epochs,
+                    ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        if callback is not None:
+            callback(record)
+    last = run.history[-1] if run.history else {}
+    result = run.best or _model_file(run.evaluated_model(), config, plan, step, classes, step.epochs, "final", last)
+    checkpoint.save(out_dir / "model.pt", result)
+    return result
+
+
+def _clean_temporary_files(folder: Path) -> None:
+    """Remove what a killed atomic write left behind (hidden `*.tmp` files)."""
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def run_training(config: Config, *, out_dir: str | Path | None = None, stages: tuple[str, ...] | None = None,
+                 resume: bool = False, callback: EpochCallback | None = None) -> Path:
+    """Train `config.train.variant` and return the path of its final `model.pt`.
+
+    Args:
+        out_dir: defaults to `<train.out_root>/<variant>`.
+        stages: run only these stages of the plan (e.g. ("finetune",)); a later stage starts from
+            the `model.pt` of the stage before it, which must exist.
+        resume: continue each stage from its checkpoint and skip stages already done.
+        callback: called with each epoch's record (stage, epoch, losses, lr, val metrics).
+    """
+    plan = plan_variant(config.train)
+    out_dir = Path(out_dir or Path(config.train.out_root) / plan.variant)
+    torch.manual_seed(config.train.seed)
+    device = resolve_device(config.train.device)
+    classes = load_classes(config.data.prepared_dir)
+    model = build_model(config.model, len(classes), plan.label_level).to(device)
+    wanted = stages or tuple(step.stage for step in plan.steps)
+    for position, step in enumerate(plan.steps):
+        stage_dir = out_dir / step.stage
+        done = stage_dir / "model.pt"
+        if step.stage not in wanted or (resume and done.exists()):
+            if any(later.stage in wanted for later in plan.steps[position + 1:]):
+                _load_stage(done, model, len(classes))  # the start of a later stage
+            continue
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        _clean_temporary_files(stage_dir)
+        if not resume:
+            for stale in ("checkpoint.pt", "model.pt", "history.json"):
+                (stage_dir / stale).unlink(missing_ok=True)
+        result = train_stage(config, plan, step, model, stage_dir, resume=resume, device=device,
+                             classes=classes, callback=callback)
+        model.load_state_dict(result["model"])  # the next step starts from this stage's model
+    last = out_dir / plan.steps[-1].stage / "model.pt"
+    final = out_dir / "model.pt"
+    if last.exists():
+        with atomic_path(final) as temporary:
+            shutil.copyfile(last, temporary)
+    return final
+
+
+def _load_stage(path: Path, model: nn.Module, num_labels: int) -> dict[str, Any]:
+    """Load a finished stage's model file into `model` (the start of the next stage)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; run the earlier stage first (python -m mulcon train --stage ...)")
+    state = checkpoint.load(path)
+    if len(state["classes"]) != num_labels:
+        raise CheckpointError(f"{path}: made for {len(state['classes'])} labels, the data has {num_labels}")
+    model.load_state_dict(state["model"])
+    return state
