@@ -1,0 +1,165 @@
+"""The prepare stage: raw dataset -> checked manifests (train / val / test) in one folder.
+
+Output folder (written all or nothing):
+- `classes.json`: class names in label-index order.
+- `train.csv`, `val.csv`, `test.csv`: columns `image,labels`; image path relative to the raw dataset
+  root, labels = space-separated label indices. val is carved from train (the paper reports on the
+  official test split: val2014 for COCO, "val" rows for NUS-WIDE).
+- `info.json`: dataset, image_root, counts and labels per image per split, skipped files with reasons.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mulcon.data.coco import read_dataset_with_report
+from mulcon.data.nuswide import read_nuswide
+from mulcon.data.staging import check_replaceable, staged_directory
+from mulcon.errors import ConfigError, DataError
+from mulcon.io import write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+Record = tuple[str, list[int]]
+DATASETS = ("demo", "coco2014", "nuswide")
+SPLITS = ("train", "val", "test")
+INFO_NAME = "info.json"  # written last; also marks the folder as replaceable by a later run
+MANIFEST_HEADER = ("image", "labels")
+CHECK_WORKERS = 16  # opening images is I/O bound: threads hide disk and network-filesystem latency
+
+
+def _read_raw(dataset: str, raw_dir: Path) -> tuple[list[str], dict[str, list[Record]], dict]:
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if dataset == "nuswide":
+        return read_nuswide(raw_dir)
+    if dataset == "demo" and not (raw_dir / "annotations").is_dir():
+        raise DataError(f"{raw_dir} holds no demo set (no annotations/): create it with make_demo first")
+    return read_dataset_with_report(raw_dir)  # the demo set uses the COCO-2014 layout
+
+
+def check_image(path: Path) -> str | None:
+    """Why `path` is unusable ("missing" or "corrupt: ..."), or None if it opens and verifies.
+
+    Only the header and structure are checked (fast); a truncated JPEG body can still fail at
+    training time, where `ManifestDataset` substitutes another image.
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+        return f"corrupt: {type(error).__name__}: {error}"
+    return None
+
+
+def _filter_images(raw_dir: Path,
+                   splits: dict[str, list[Record]]) -> tuple[dict[str, list[Record]], list[dict]]:
+    """Drop records whose image is missing or does not decode; list them with reasons."""
+    tagged = [(split, record) for split, records in splits.items() for record in records]
+    with concurrent.futures.ThreadPoolExecutor(CHECK_WORKERS) as pool:
+        reasons = list(tqdm(pool.map(lambda item: check_image(raw_dir / item[1][0]), tagged),
+                            total=len(tagged), desc="checking images", unit="img"))
+    kept: dict[str, list[Record]] = {split: [] for split in splits}
+    skipped = []
+    for (split, record), reason in zip(tagged, reasons):
+        if reason is None:
+            kept[split].append(record)
+        else:
+            skipped.append({"image": record[0], "split": split, "reason": reason})
+    for entry in skipped[:5]:
+        logger.warning("skipping %s (%s split): %s",
+                       raw_dir / entry["image"], entry["split"], entry["reason"])
+    if len(skipped) > 5:
+        logger.warning("skipping %d more unusable images; all are listed in %s", len(skipped) - 5, INFO_NAME)
+    return kept, skipped
+
+
+def carve_validation(records: list[Record], val_fraction: float,
+                     seed: int) -> tuple[list[Record], list[Record]]:
+    """Split `records` into (train, val) with round(val_fraction * N) val records, chosen by `seed`.
+
+    Both parts keep the input order, so the result depends only on the records, fraction and seed.
+    """
+    order = np.random.default_rng(seed).permutation(len(records))
+    chosen = set(order[: int(round(val_fraction * len(records)))].tolist())
+    train = [record for index, record in enumerate(records) if index not in chosen]
+    val = [record for index, record in enumerate(records) if index in chosen]
+    return train, val
+
+
+def _manifest_text(records: list[Record]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(MANIFEST_HEADER)
+    writer.writerows((image, " ".join(map(str, labels))) for image, labels in records)
+    return buffer.getvalue()
+
+
+def _info(dataset: str, raw_dir: Path, splits: dict, skipped: list[dict], reader_report: dict,
+          num_classes: int, val_fraction: float, seed: int) -> dict:
+    def labels_per_image(records: list[Record]) -> float | None:
+        return round(sum(len(labels) for _, labels in records) / len(records), 4) if records else None
+
+    return {
+        "dataset": dataset, "image_root": str(raw_dir), "num_classes": num_classes,
+        "val_fraction": val_fraction, "seed": seed,
+        "counts": {split: len(splits[split]) for split in SPLITS},
+        "labels_per_image": {split: labels_per_image(splits[split]) for split in SPLITS},
+        "skipped_counts": dict(Counter(entry["reason"].split(":")[0] for entry in skipped)),
+        "skipped": skipped, "reader_report": reader_report,
+    }
+
+
+def prepare(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+            val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Read a raw dataset, drop unusable images, carve a val split and write manifests to `out_dir`.
+
+    Args:
+        dataset: "demo" (the `make_demo` output, read as COCO-2014), "coco2014" or "nuswide".
+        raw_dir: the raw dataset root; manifest image paths are relative to it.
+        out_dir: the prepared folder; replaced only if everything succeeds.
+        val_fraction: share of the (filtered) train images moved to val, in [0, 1); 0 gives an
+            empty val split.
+        seed: seeds the choice of val images.
+
+    Returns:
+        The `info.json` content: counts and labels per image per split, skipped images with reasons.
+
+    Raises:
+        DataError: unknown dataset, missing or malformed raw data, or no usable train or test image
+            (no output is written, and an existing `out_dir` is left as it was).
+        ConfigError: val_fraction outside [0, 1).
+    """
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    raw_dir = Path(raw_dir)
+    check_replaceable(Path(out_dir), INFO_NAME)  # fail before the long image check, not after
+    classes, raw_splits, reader_report = _read_raw(dataset, raw_dir)
+    kept, skipped = _filter_images(raw_dir, raw_splits)
+    splits = dict(zip(("train", "val"), carve_validation(kept["train"], val_fraction, seed)))
+    splits["test"] = kept["test"]
+    for split in ("train", "test"):
+        if not splits[split]:
+            raise DataError(f"{dataset}: no usable {split} images under {raw_dir} "
+                            f"({len(raw_splits[split])} listed, {len(raw_splits[split]) - len(kept[split])} "
+                            "missing or corrupt)")
+    info = _info(dataset, raw_dir, splits, skipped, reader_report, len(classes), val_fraction, seed)
+    with staged_directory(out_dir, marker=INFO_NAME) as staging:
+        write_json(staging / "classes.json", classes)
+        for split in SPLITS:
+            write_text(staging / f"{split}.csv", _manifest_text(splits[split]))
+        write_json(staging / INFO_NAME, info)
+    logger.info("prepared %s in %s: %s", dataset, out_dir, info["counts"])
+    return info

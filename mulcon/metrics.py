@@ -1,0 +1,187 @@
+"""Multi-label evaluation metrics: per-class average precision, mAP and the threshold metrics.
+
+Implements the evaluation protocol of the MulCon paper's experiments, which is the field's
+(ML-GCN, ASL, Query2Label; see REFERENCE.md, "Metrics"):
+mAP over labels with at least one positive image, and CP/CR/CF1/OP/OR/OF1 at a probability
+threshold, for all predictions and for each image's top-3 labels. Every value is in percent.
+Ties in AP follow scikit-learn's `average_precision_score`, so results never depend on row order.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+TOP_K = 3  # the "top-3" metrics of ML-GCN and its successors
+
+
+def _as_numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.is_floating_point() and array.dtype not in (torch.float32, torch.float64):
+            array = array.float()  # numpy has no bfloat16; widening to float32 keeps every tie
+        array = array.numpy()
+    return np.asarray(array)
+
+
+def _validate(scores, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Return scores as float32/float64 and targets as bool, both (N, L); ValueError on bad input."""
+    scores, targets = _as_numpy(scores), _as_numpy(targets)
+    if scores.ndim != 2 or scores.shape != targets.shape:
+        raise ValueError(
+            f"scores and targets must be 2-D arrays of the same shape (images, labels); "
+            f"got scores {scores.shape} and targets {targets.shape}"
+        )
+    if 0 in scores.shape:
+        raise ValueError(f"need at least one image and one label; got shape {scores.shape}")
+    if scores.dtype.kind not in "biuf":
+        raise ValueError(f"scores must be real numbers; got dtype {scores.dtype}")
+    if scores.dtype not in (np.float32, np.float64):
+        # float16 -> float32 is exact; integers go to float64, which holds them exactly.
+        scores = scores.astype(np.float32 if scores.dtype == np.float16 else np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinity")
+    if targets.dtype != bool:
+        if not ((targets == 0) | (targets == 1)).all():
+            raise ValueError(f"targets must be binary (0 or 1); found values {np.unique(targets)[:5]}")
+        targets = targets.astype(bool)
+    return scores, targets
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _average_precision(scores: np.ndarray, targets: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarray:
+    # Labels are independent and numpy's sort releases the GIL: blocks of labels run in parallel
+    # on the pool's threads (the sort is most of the cost). A few blocks per thread balance the
+    # load with other work on the same pool.
+    num_blocks = min(4 * _usable_cpus(), scores.shape[1])
+    bounds = np.linspace(0, scores.shape[1], num_blocks + 1).astype(int)
+    blocks = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+    results = pool.map(lambda block: _block_average_precision(scores[:, block], targets[:, block]), blocks)
+    return np.concatenate(list(results))
+
+
+def _block_average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    num_images, num_labels = scores.shape
+    # numpy sorts contiguous rows several times faster than strided columns: work label-major.
+    scores_by_label = np.ascontiguousarray(scores.T)  # (L, N)
+    targets_by_label = np.ascontiguousarray(targets.T)  # (L, N)
+    sorted_scores = np.sort(scores_by_label, axis=1)  # (L, N), one vectorised sort for all labels
+    average = np.full(num_labels, np.nan)  # a label with no positive has no AP
+    # The loop only does binary searches for the few positives of each label: about 0.1 ms a label.
+    for label in range(num_labels):
+        positive_scores = np.sort(scores_by_label[label, targets_by_label[label]])  # (P,)
+        if positive_scores.size == 0:
+            continue
+        # AP = sum over distinct thresholds of (R_n - R_{n-1}) P_n = the mean over positives of the
+        # precision at the threshold equal to that positive's score. side='left' counts the scores
+        # strictly below it, so every score tied with it ranks above it: precision is taken once
+        # per distinct threshold, as scikit-learn does, and row order cannot matter.
+        below = np.searchsorted(sorted_scores[label], positive_scores, side="left")  # (P,)
+        positives_below = np.searchsorted(positive_scores, positive_scores, side="left")  # (P,)
+        average[label] = np.mean((positive_scores.size - positives_below) / (num_images - below))
+    return 100.0 * average
+
+
+def average_precision(scores, targets) -> np.ndarray:
+    """Per-label average precision, tie-aware exactly like scikit-learn's average_precision_score.
+
+    Args:
+        scores: (N, L) real scores (probabilities or logits; only their order matters), numpy array
+            or torch tensor on any device, any float dtype. NaN or infinity is rejected.
+        targets: (N, L) binary ground truth (bool, or 0/1 of any dtype).
+
+    Returns:
+        (L,) float64 AP in percent; NaN for a label with no positive image.
+
+    Raises:
+        ValueError: shapes not 2-D and equal, an empty dimension, non-finite scores or
+            non-binary targets.
+    """
+    scores, targets = _validate(scores, targets)
+    with ThreadPoolExecutor(_usable_cpus()) as pool:
+        return _average_precision(scores, targets, pool)
+
+
+def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """(N, L) bool: each image's k highest scores. A tie at the k-th place goes to the lower label
+    index, so the mask is deterministic and independent of the sorting algorithm."""
+    kth_highest = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k, None]  # (N, 1)
+    mask = scores >= kth_highest  # (N, L), more than k per image only where the k-th place is tied
+    crowded = np.flatnonzero(np.count_nonzero(mask, axis=1) > k)  # rare with real-valued scores
+    if crowded.size:
+        crowded_scores, crowded_kth = scores[crowded], kth_highest[crowded]
+        tied = crowded_scores == crowded_kth
+        free_places = k - np.count_nonzero(crowded_scores > crowded_kth, axis=1, keepdims=True)
+        mask[crowded] = (crowded_scores > crowded_kth) | (tied & (np.cumsum(tied, axis=1) <= free_places))
+    return mask
+
+
+def _precision_recall_f1(predicted: np.ndarray, targets: np.ndarray, suffix: str) -> dict[str, float]:
+    """CP, CR, CF1, OP, OR, OF1 (names + suffix) in percent from (N, L) bool predictions, targets."""
+    # int32 sums of booleans run twice as fast as count_nonzero (int64); N < 2**31 images.
+    correct = (predicted & targets).sum(axis=0, dtype=np.int32)  # Nc, (L,)
+    # A label never predicted (Np = 0) counts 1 in the denominator, as in ML-GCN's evaluation code:
+    # its ratio is 0 instead of NaN, and sum Np adds 1 for it. A label never present (Ng = 0) gets
+    # recall 0 in CR; OR uses the plain sum of Ng.
+    num_predicted = np.maximum(predicted.sum(axis=0, dtype=np.int32), 1)  # Np, (L,)
+    num_positive = targets.sum(axis=0, dtype=np.int32)  # Ng, (L,)
+    class_precision = np.mean(correct / num_predicted)
+    class_recall = np.mean(correct / np.maximum(num_positive, 1))
+    overall_precision = correct.sum() / num_predicted.sum()
+    # OR divides by the true count of positives (ML-GCN's code clamps Np only); 0 when there is none.
+    overall_recall = correct.sum() / max(int(num_positive.sum()), 1)
+    values = {
+        "CP": class_precision, "CR": class_recall, "CF1": _f1(class_precision, class_recall),
+        "OP": overall_precision, "OR": overall_recall, "OF1": _f1(overall_precision, overall_recall),
+    }
+    return {name + suffix: float(100.0 * value) for name, value in values.items()}
+
+
+def _threshold_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, float]:
+    predicted = scores >= threshold  # (N, L)
+    top_k = _top_k_mask(scores, min(TOP_K, scores.shape[1]))  # (N, L)
+    return _precision_recall_f1(predicted, targets, "") | _precision_recall_f1(
+        predicted & top_k, targets, "_top3")
+
+
+def _f1(precision: float, recall: float) -> float:
+    # The F1 of the two means (not the mean of per-label F1s); 0 when both are 0.
+    return 2.0 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def multilabel_metrics(scores, targets, threshold: float = 0.5) -> dict[str, float]:
+    """mAP and the threshold metrics CP/CR/CF1/OP/OR/OF1, for all labels and for each image's top 3.
+
+    Args:
+        scores: (N, L) probabilities (not logits: the threshold applies to them), numpy array or
+            torch tensor on any device, any float dtype.
+        targets: (N, L) binary ground truth (bool, or 0/1 of any dtype).
+        threshold: a label is predicted when its probability is >= threshold.
+
+    Returns:
+        Plain floats in percent under the keys mAP, CP, CR, CF1, OP, OR, OF1 and the same six with
+        the suffix _top3, where a label is predicted only if it also ranks among the image's three
+        highest scores (a tie at third place goes to the lower label index). mAP is the mean AP
+        over labels with at least one positive, NaN when no label has one. A label never predicted
+        (Np = 0) counts 1 in that denominator, so its precision is 0 (not NaN) and sum Np grows by 1
+        for it (ML-GCN's convention); a label never present (Ng = 0) has recall 0 in CR, and OR
+        divides by the plain sum of Ng.
+
+    Raises:
+        ValueError: as for `average_precision`.
+    """
+    scores, targets = _validate(scores, targets)
+    with ThreadPoolExecutor(_usable_cpus()) as pool:
+        # Submitted first, the threshold metrics run on one thread while the others sort for AP.
+        threshold_metrics = pool.submit(_threshold_metrics, scores, targets, threshold)
+        per_label_ap = _average_precision(scores, targets, pool)
+        # nanmean would warn on an all-NaN vector; a set with no positive at all gives NaN quietly.
+        has_positive = ~np.isnan(per_label_ap)
+        mean_ap = float(per_label_ap[has_positive].mean()) if has_positive.any() else float("nan")
+        return {"mAP": mean_ap} | threshold_metrics.result()

@@ -1,0 +1,107 @@
+"""Training: a two-epoch run of every Table 3 variant, exact resume after SIGKILL, a NaN loss
+stopping the run with the last good checkpoint kept, and resuming onto a different label set."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import mulcon.train
+from mulcon import checkpoint
+from mulcon.config import VARIANTS, load_config
+from mulcon.errors import CheckpointError, TrainingError
+from mulcon.evaluate import evaluate_model
+from mulcon.train import run_training
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_trains_two_epochs_and_evaluates(variant, tiny_params, tmp_path):
+    config = load_config(tiny_params, [f"train.variant={variant}"])
+    records = []
+    final = run_training(config, callback=records.append)
+    assert final == tmp_path / "runs" / variant / "model.pt" and final.exists()
+    assert sum(1 for r in records) == 2  # the same budget for every variant: 1 + 1 epochs
+    assert all(torch.isfinite(torch.tensor(r["total"])) for r in records)
+    contrastive = variant in ("backbone_bce_scl", "mulcon_no_pretrain", "mulcon")
+    assert any("contrastive" in r for r in records) == contrastive
+    assert all("val_mAP" in r for r in records)
+    saved = checkpoint.load(final)
+    assert saved["variant"] == variant and saved["selected_on"] == "final"
+    metrics = evaluate_model(config, final, tmp_path / "reports")
+    assert 0 <= metrics["mAP"] <= 100 and metrics["num_images"] == 12
+    assert (tmp_path / "reports" / "per_class_ap.csv").read_text().startswith("class,positives,ap\n")
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["mAP"] == metrics["mAP"]
+
+
+def _train_command(params, out_dir, *extra):
+    return [sys.executable, "-m", "mulcon", "train", "--params", str(params), "--out-dir", str(out_dir),
+            "-S", "train.pretrain_epochs=3", "-S", "train.finetune_epochs=2", *extra]
+
+
+def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tiny_params, tmp_path):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(_train_command(tiny_params, tmp_path / "whole"), check=True, env=environment, cwd=tmp_path,
+                   capture_output=True)
+    process = subprocess.Popen(_train_command(tiny_params, tmp_path / "killed"), env=environment, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = tmp_path / "killed" / "pretrain" / "history.json"
+    deadline = time.monotonic() + 120
+    while not history.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    assert checkpoint.load(tmp_path / "killed" / "pretrain" / "checkpoint.pt")["epoch"] < 3
+    subprocess.run(_train_command(tiny_params, tmp_path / "killed", "--resume"), check=True, env=environment,
+                   cwd=tmp_path, capture_output=True)
+    whole = checkpoint.load(tmp_path / "whole" / "model.pt")["model"]
+    resumed = checkpoint.load(tmp_path / "killed" / "model.pt")["model"]
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_params, tmp_path, monkeypatch):
+    config = load_config(tiny_params, ["train.variant=mulcon_bce", "train.pretrain_epochs=2"])
+    calls = {"count": 0}
+    real_bce = mulcon.train.bce_loss
+
+    def bce_turning_nan(logits, targets):
+        calls["count"] += 1
+        loss = real_bce(logits, targets)
+        return loss * float("nan") if calls["count"] > 2 else loss  # 2 batches per epoch: NaN in epoch 2
+
+    monkeypatch.setattr(mulcon.train, "bce_loss", bce_turning_nan)
+    with pytest.raises(TrainingError, match=r"non-finite loss in epoch 2 by batch 2"):
+        run_training(config)
+    kept = checkpoint.load(tmp_path / "runs" / "mulcon_bce" / "pretrain" / "checkpoint.pt")
+    assert kept["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in kept["model"].values() if value.is_floating_point())
+    assert not (tmp_path / "runs" / "mulcon_bce" / "model.pt").exists()
+
+
+def test_resume_with_a_different_label_set_is_refused(tiny_params, tiny_data, tmp_path):
+    run_training(load_config(tiny_params, ["train.variant=mulcon_bce"]))
+    (tmp_path / "runs" / "mulcon_bce" / "pretrain" / "model.pt").unlink()  # so resume reads checkpoint.pt
+    other = tmp_path / "prepared" / "demo"
+    shutil.copytree(tiny_data / "prepared" / "demo", other)
+    classes = json.loads((other / "classes.json").read_text())
+    (other / "classes.json").write_text(json.dumps(classes + ["extra"]))
+    config = load_config(tiny_params, ["train.variant=mulcon_bce", f"data.prepared_root={tmp_path / 'prepared'}"])
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: made for variant mulcon_bce with 12 labels, "
+                                              r"cannot resume mulcon_bce with 13 labels"):
+        run_training(config, resume=True)
+
+
+def test_finetune_stage_needs_the_pretrain_stage(tiny_params):
+    config = load_config(tiny_params)
+    with pytest.raises(CheckpointError, match=r"pretrain/model.pt: missing; run the earlier stage first"):
+        run_training(config, stages=("finetune",))
