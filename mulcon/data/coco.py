@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from pycocotools.coco import COCO
 
 from mulcon.errors import DataError
+from mulcon.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +33,7 @@ DOWNLOAD_HINT = (
 
 def _load_json(annotation_file: Path) -> dict:
     """Parse the file and check the top-level COCO keys; errors name the file (and line/column)."""
-    try:
-        with open(annotation_file, encoding="utf-8") as handle:
-            document = json.load(handle)
-    except FileNotFoundError:
-        raise DataError(f"{annotation_file}: annotation file not found") from None
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{annotation_file}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{annotation_file}: cannot read annotation file: {error}") from None
+    document = read_json(annotation_file, missing=f"{annotation_file}: annotation file not found")
     if not isinstance(document, dict):
         raise DataError(f"{annotation_file}: expected a JSON object at the top level")
     for key in ("images", "annotations", "categories"):

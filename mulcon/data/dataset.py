@@ -6,7 +6,6 @@ Targets are the paper's y_ij in {0, 1} (section 3): one row per image, one colum
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mulcon.errors import DataError
+from mulcon.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +26,7 @@ PREPARE_HINT = "run the prepare stage first"
 
 
 def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: {PREPARE_HINT}") from None
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from None
+    return read_json(path, missing=f"{path} not found: {PREPARE_HINT}")
 
 
 def load_classes(prepared_dir: str | os.PathLike) -> list[str]:
