@@ -204,6 +204,8 @@ def config_from_dict(values: dict[str, Any], overrides: Iterable[str] = ()) -> C
             f"model.embed_dim: {config.model.embed_dim} is not divisible by model.num_heads "
             f"{config.model.num_heads}"
         )
+    if config.train.select_on_val and config.data.val_fraction == 0:
+        raise ConfigError("train.select_on_val: needs a validation split, but data.val_fraction is 0")
     if not 0 <= config.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
     return config

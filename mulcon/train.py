@@ -127,7 +127,8 @@ def _validate(model: nn.Module, val: DataLoader | None, device: torch.device, co
 
 def _model_file(model: nn.Module, config: Config, plan: Plan, step: Step, classes: list[str],
                 epoch: int, selected_on: str, val: dict[str, float]) -> dict[str, Any]:
-    return {"model": model.state_dict(), "config": to_dict(config), "classes": classes,
+    weights = {name: value.detach().clone() for name, value in model.state_dict().items()}  # a snapshot
+    return {"model": weights, "config": to_dict(config), "classes": classes,
             "label_level": plan.label_level, "variant": plan.variant, "stage": step.stage,
             "epoch": epoch, "selected_on": selected_on, "val": val}
 

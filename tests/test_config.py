@@ -58,3 +58,8 @@ def test_bad_params_file_names_file_and_key(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"missing.yaml: cannot read params file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_select_on_val_needs_a_validation_split():
+    with pytest.raises(ConfigError, match="train.select_on_val: needs a validation split, but data.val_fraction is 0"):
+        load_config(ROOT / "params.yaml", ["train.select_on_val=true", "data.val_fraction=0"])

@@ -105,3 +105,17 @@ def test_finetune_stage_needs_the_pretrain_stage(tiny_params):
     config = load_config(tiny_params)
     with pytest.raises(CheckpointError, match=r"pretrain/model.pt: missing; run the earlier stage first"):
         run_training(config, stages=("finetune",))
+
+
+def test_select_on_val_keeps_the_best_val_epoch(tiny_params, tmp_path):
+    config = load_config(tiny_params, ["train.variant=backbone_bce", "train.pretrain_epochs=3",
+                                       "train.select_on_val=true"])
+    records = []
+    final = run_training(config, callback=records.append)
+    saved = checkpoint.load(final)
+    scores = [record["val_mAP"] for record in records]
+    assert saved["selected_on"] == "val"
+    assert saved["epoch"] == scores.index(max(scores)) + 1
+    last = checkpoint.load(tmp_path / "runs" / "backbone_bce" / "pretrain" / "checkpoint.pt")["model"]
+    same = all(torch.equal(saved["model"][name], last[name]) for name in last)
+    assert same == (saved["epoch"] == len(records))  # a snapshot, not the live weights
