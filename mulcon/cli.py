@@ -46,7 +46,8 @@ def train(config: Config, args: argparse.Namespace) -> None:
     from mulcon.train import run_training
 
     stages = None if args.stage == "all" else (args.stage,)
-    path = run_training(config, out_dir=args.out_dir, stages=stages, resume=args.resume)
+    path = run_training(config, out_dir=args.out_dir, checkpoint_dir=args.checkpoint_dir, stages=stages,
+                        resume=args.resume)
     logger.info("model: %s", path)
 
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="run one stage of the variant's plan (default: all)")
             sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
             sub.add_argument("--out-dir", help="default: <train.out_root>/<train.variant>")
+            sub.add_argument("--checkpoint-dir", help="default: <train.checkpoint_root>/<train.variant>")
         if name == "evaluate":
             sub.add_argument("--model", help="model file (default: <train.out_root>/<train.variant>/model.pt)")
             sub.add_argument("--out-dir", help="default: <evaluate.out_root>/<train.variant>")

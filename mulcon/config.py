@@ -104,7 +104,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 disables it
     grad_clip: float = 0.0  # maximum gradient norm; 0 disables clipping
     select_on_val: bool = False  # keep the epoch with the best val mAP instead of the last one
-    out_root: str = "runs"  # checkpoints and models in <out_root>/<variant>/<stage>
+    out_root: str = "runs"  # models and histories in <out_root>/<variant>/<stage>
+    checkpoint_root: str = "checkpoints"  # resume state in <checkpoint_root>/<variant>/<stage>
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,11 @@ CHOICES = {
     "train.variant": VARIANTS,
     "train.precision": ("bf16", "fp16", "fp32"),
     "evaluate.split": ("train", "val", "test"),
+}
+# Keys that change where or how fast a run goes, not what it computes.
+RESULT_INDEPENDENT = {
+    "data.num_workers", "data.root", "data.prepared_root", "train.device", "train.out_root",
+    "train.checkpoint_root", "evaluate.split", "evaluate.threshold", "evaluate.batch_size", "evaluate.out_root",
 }
 POSITIVE = {
     "data.image_size", "demo.num_train", "demo.num_val", "demo.image_size", "model.embed_dim",

@@ -1,10 +1,13 @@
 """Two-step training of MulCon and of the Table 3 variants (paper section 2.3 and section 4).
 
 `run_training` runs the plan of `train.variant` (see `mulcon.variants`): each step is a stage,
-`pretrain` or `finetune`, with its own folder `<out_dir>/<stage>` holding `checkpoint.pt` (written
-atomically every epoch), `history.json` (one record per epoch) and, once the stage is done,
-`model.pt`. The variant's final model is `<out_dir>/model.pt`. A killed run continues from its
-last checkpoint with `resume=True` and, on CPU, ends with the weights of an uninterrupted run.
+`pretrain` or `finetune`, with its own folder `<out_dir>/<stage>` holding `history.json` (one
+record per epoch) and, once the stage is done, `model.pt`; the variant's final model is
+`<out_dir>/model.pt`. Resume state lives apart, in `<checkpoint_dir>/<stage>/checkpoint.pt`
+(written atomically every epoch), so a pipeline tool that clears a stage's outputs before running
+it again does not lose it. A killed run continues from its last checkpoint with `resume=True` and,
+on CPU, ends with the weights of an uninterrupted run. A checkpoint or finished stage made under a
+different config is not resumed: the stage starts over.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mulcon import checkpoint
-from mulcon.config import Config, to_dict
+from mulcon.config import RESULT_INDEPENDENT, Config, config_from_dict, to_dict, to_flat_dict
 from mulcon.data.dataset import ManifestDataset, load_classes
 from mulcon.data.sampling import EpochSampler, SeededDataset
 from mulcon.data.transforms import train_transform
-from mulcon.errors import CheckpointError, TrainingError
+from mulcon.errors import CheckpointError, ConfigError, TrainingError
 from mulcon.evaluate import autocast, eval_loader, predict_scores, resolve_device
 from mulcon.io import atomic_path, write_json
 from mulcon.losses import asymmetric_loss, bce_loss, image_contrastive_loss, label_contrastive_loss
@@ -171,9 +174,26 @@ class StageRun:
         return self.ema.module if self.ema is not None else self.model
 
 
+def same_result_config(saved: dict[str, Any], config: Config, stage: str) -> bool:
+    """Whether a config saved with a checkpoint of `stage` computes what `config` computes there
+    (the finetune section cannot change a pretrain stage)."""
+    try:
+        saved_config = config_from_dict(saved)
+    except ConfigError:
+        return False
+    ignored = ("finetune.",) if stage == "pretrain" else ()
+
+    def relevant(values: Config) -> dict[str, Any]:
+        return {key: value for key, value in to_flat_dict(values).items()
+                if key not in RESULT_INDEPENDENT and not key.startswith(ignored)}
+    return relevant(saved_config) == relevant(config)
+
+
 def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_dir: Path, *, resume: bool,
-                device: torch.device, classes: list[str], callback: EpochCallback | None = None) -> dict[str, Any]:
-    """Train `model` for one step of `plan`, checkpointing every epoch into `out_dir`.
+                device: torch.device, classes: list[str], checkpoint_dir: Path,
+                callback: EpochCallback | None = None) -> dict[str, Any]:
+    """Train `model` for one step of `plan`: history and model in `out_dir`, a checkpoint every
+    epoch in `checkpoint_dir`.
 
     Returns:
         The content of the stage's `model.pt` (weights of the final or the val-selected epoch).
@@ -181,10 +201,14 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
     loader = train_loader(config, step)
     val = eval_loader(config, "val", config.evaluate.batch_size) if config.data.val_fraction > 0 else None
     run = StageRun(config, plan, step, model, device, len(loader), len(classes))
-    path, start = out_dir / "checkpoint.pt", 0
+    path, start = checkpoint_dir / "checkpoint.pt", 0
     if resume and path.exists():
-        start = run.restore(checkpoint.load(path), path)
-        logger.info("resuming %s/%s from epoch %d", plan.variant, step.stage, start)
+        state = checkpoint.load(path)
+        if same_result_config(state["config"], config, step.stage):
+            start = run.restore(state, path)
+            logger.info("resuming %s/%s from epoch %d", plan.variant, step.stage, start)
+        else:
+            logger.warning("%s was made under another config: %s/%s starts over", path, plan.variant, step.stage)
     objective = Objective(config, step.contrastive)
     for epoch in range(start, step.epochs):
         loader.sampler.set_epoch(epoch)
@@ -216,38 +240,42 @@ def _clean_temporary_files(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def run_training(config: Config, *, out_dir: str | Path | None = None, stages: tuple[str, ...] | None = None,
-                 resume: bool = False, callback: EpochCallback | None = None) -> Path:
+def run_training(config: Config, *, out_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+                 stages: tuple[str, ...] | None = None, resume: bool = False,
+                 callback: EpochCallback | None = None) -> Path:
     """Train `config.train.variant` and return the path of its final `model.pt`.
 
     Args:
         out_dir: defaults to `<train.out_root>/<variant>`.
+        checkpoint_dir: defaults to `<train.checkpoint_root>/<variant>`.
         stages: run only these stages of the plan (e.g. ("finetune",)); a later stage starts from
             the `model.pt` of the stage before it, which must exist.
-        resume: continue each stage from its checkpoint and skip stages already done.
+        resume: continue each stage from its checkpoint and skip stages already done under the
+            same config.
         callback: called with each epoch's record (stage, epoch, losses, lr, val metrics).
     """
     plan = plan_variant(config.train)
     out_dir = Path(out_dir or Path(config.train.out_root) / plan.variant)
+    checkpoint_dir = Path(checkpoint_dir or Path(config.train.checkpoint_root) / plan.variant)
     torch.manual_seed(config.train.seed)
     device = resolve_device(config.train.device)
     classes = load_classes(config.data.prepared_dir)
     model = build_model(config.model, len(classes), plan.label_level).to(device)
     wanted = stages or tuple(step.stage for step in plan.steps)
     for position, step in enumerate(plan.steps):
-        stage_dir = out_dir / step.stage
-        done = stage_dir / "model.pt"
-        if step.stage not in wanted or (resume and done.exists()):
+        done = out_dir / step.stage / "model.pt"
+        if step.stage not in wanted or (resume and _finished(done, config, step.stage)):
             if any(later.stage in wanted for later in plan.steps[position + 1:]):
                 _load_stage(done, model, len(classes))  # the start of a later stage
             continue
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        _clean_temporary_files(stage_dir)
+        for folder in (out_dir / step.stage, checkpoint_dir / step.stage):
+            folder.mkdir(parents=True, exist_ok=True)
+            _clean_temporary_files(folder)
         if not resume:
-            for stale in ("checkpoint.pt", "model.pt", "history.json"):
-                (stage_dir / stale).unlink(missing_ok=True)
-        result = train_stage(config, plan, step, model, stage_dir, resume=resume, device=device,
-                             classes=classes, callback=callback)
+            for stale in (checkpoint_dir / step.stage / "checkpoint.pt", done, out_dir / step.stage / "history.json"):
+                stale.unlink(missing_ok=True)
+        result = train_stage(config, plan, step, model, out_dir / step.stage, resume=resume, device=device,
+                             classes=classes, checkpoint_dir=checkpoint_dir / step.stage, callback=callback)
         model.load_state_dict(result["model"])  # the next step starts from this stage's model
     last = out_dir / plan.steps[-1].stage / "model.pt"
     final = out_dir / "model.pt"
@@ -255,6 +283,11 @@ def run_training(config: Config, *, out_dir: str | Path | None = None, stages: t
         with atomic_path(final) as temporary:
             shutil.copyfile(last, temporary)
     return final
+
+
+def _finished(path: Path, config: Config, stage: str) -> bool:
+    """A stage's model file exists and was trained under a config with the same results."""
+    return path.exists() and same_result_config(checkpoint.load(path)["config"], config, stage)
 
 
 def _load_stage(path: Path, model: nn.Module, num_labels: int) -> dict[str, Any]:

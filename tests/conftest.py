@@ -39,6 +39,7 @@ def tiny_params(tiny_data, tmp_path) -> Path:
     values["data"]["root"] = str(tiny_data / "data")
     values["data"]["prepared_root"] = str(tiny_data / "prepared")
     values["train"]["out_root"] = str(tmp_path / "runs")
+    values["train"]["checkpoint_root"] = str(tmp_path / "checkpoints")
     values["evaluate"]["out_root"] = str(tmp_path / "reports")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -42,6 +42,7 @@ def test_each_variant_trains_two_epochs_and_evaluates(variant, tiny_params, tmp_
 
 def _train_command(params, out_dir, *extra):
     return [sys.executable, "-m", "mulcon", "train", "--params", str(params), "--out-dir", str(out_dir),
+            "--checkpoint-dir", f"{out_dir}-checkpoints",
             "-S", "train.pretrain_epochs=3", "-S", "train.finetune_epochs=2", *extra]
 
 
@@ -59,7 +60,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tiny_params, tmp_
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "model.pt").exists()
-    assert checkpoint.load(tmp_path / "killed" / "pretrain" / "checkpoint.pt")["epoch"] < 3
+    assert checkpoint.load(tmp_path / "killed-checkpoints" / "pretrain" / "checkpoint.pt")["epoch"] < 3
     subprocess.run(_train_command(tiny_params, tmp_path / "killed", "--resume"), check=True, env=environment,
                    cwd=tmp_path, capture_output=True)
     whole = checkpoint.load(tmp_path / "whole" / "model.pt")["model"]
@@ -82,7 +83,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_params, t
     monkeypatch.setattr(mulcon.train, "bce_loss", bce_turning_nan)
     with pytest.raises(TrainingError, match=r"non-finite loss in epoch 2 by batch 2"):
         run_training(config)
-    kept = checkpoint.load(tmp_path / "runs" / "mulcon_bce" / "pretrain" / "checkpoint.pt")
+    kept = checkpoint.load(tmp_path / "checkpoints" / "mulcon_bce" / "pretrain" / "checkpoint.pt")
     assert kept["epoch"] == 1
     assert all(torch.isfinite(value).all() for value in kept["model"].values() if value.is_floating_point())
     assert not (tmp_path / "runs" / "mulcon_bce" / "model.pt").exists()
@@ -116,6 +117,20 @@ def test_select_on_val_keeps_the_best_val_epoch(tiny_params, tmp_path):
     scores = [record["val_mAP"] for record in records]
     assert saved["selected_on"] == "val"
     assert saved["epoch"] == scores.index(max(scores)) + 1
-    last = checkpoint.load(tmp_path / "runs" / "backbone_bce" / "pretrain" / "checkpoint.pt")["model"]
+    last = checkpoint.load(tmp_path / "checkpoints" / "backbone_bce" / "pretrain" / "checkpoint.pt")["model"]
     same = all(torch.equal(saved["model"][name], last[name]) for name in last)
     assert same == (saved["epoch"] == len(records))  # a snapshot, not the live weights
+
+
+def test_resume_under_another_config_starts_over(tiny_params, tmp_path, caplog):
+    config = load_config(tiny_params, ["train.variant=mulcon_bce"])
+    run_training(config)
+    changed = load_config(tiny_params, ["train.variant=mulcon_bce", "pretrain.lr=0.005", "data.num_workers=1"])
+    records = []
+    run_training(changed, resume=True, callback=records.append)
+    assert [r["epoch"] for r in records] == [1, 2]  # retrained: the old model was made with another lr
+    records.clear()
+    run_training(load_config(tiny_params, ["train.variant=mulcon_bce", "pretrain.lr=0.005"]), resume=True,
+                 callback=records.append)
+    assert records == []  # num_workers does not change results: nothing to redo
+    assert checkpoint.load(tmp_path / "runs" / "mulcon_bce" / "model.pt")["config"]["pretrain"]["lr"] == 0.005

@@ -1,0 +1,174 @@
+"""MLflow tracking: the one module of the library that talks to MLflow.
+
+The tracking URI comes from `MLFLOW_TRACKING_URI`, default `sqlite:///mlflow.db` in the working
+directory. A training run of a variant is found again by a key (the resolved config without the
+variant, the git commit and the data version), so the pretrain and finetune stages, a resumed run
+and the evaluation all log into one MLflow run; the variants of one ablation are nested runs of
+one parent run with the same key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from mulcon.config import RESULT_INDEPENDENT, Config, to_dict, to_flat_dict
+from mulcon.errors import MulconError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingError(MulconError):
+    """The tracking server cannot be reached, or refused a request."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail within `timeout` seconds, with a clear message, when an HTTP tracking server is down.
+
+    MLflow's own client retries for minutes before it gives up; this asks `/health` once.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
+                            f"MLFLOW_TRACKING_URI to log to {DEFAULT_TRACKING_URI}") from None
+
+
+def git_state(root: str | Path = ".") -> dict[str, str]:
+    """The commit of the working tree and whether it has uncommitted changes ("unknown" outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout
+    try:
+        return {"git_commit": git("rev-parse", "HEAD").strip(),
+                "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no").strip())).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def data_version(config: Config, root: str | Path = ".") -> str:
+    """The md5 that `data.dvc` records for the raw data folder, or "untracked"."""
+    path = Path(root) / "data.dvc"
+    try:
+        outs = yaml.safe_load(path.read_text()).get("outs", [])
+        return str(outs[0]["md5"]) if outs else "untracked"
+    except (OSError, yaml.YAMLError, KeyError, AttributeError, IndexError):
+        return "untracked"
+
+
+def run_key(config: Config, *parts: str) -> str:
+    """A short hash of the config (without `train.variant` and RESULT_INDEPENDENT keys) and `parts`."""
+    values = {k: v for k, v in to_flat_dict(config).items() if k not in RESULT_INDEPENDENT and k != "train.variant"}
+    text = json.dumps(values, sort_keys=True, default=str) + "|".join(parts)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _client():
+    import mlflow
+
+    uri = tracking_uri()
+    check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow, mlflow.MlflowClient(uri)
+
+
+def _find_or_create(client, experiment_id: str, tags: dict[str, str], name: str) -> str:
+    """The id of the run in `experiment_id` carrying all `tags`; created when there is none."""
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        return found[0].info.run_id
+    return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+
+class Tracker:
+    """The MLflow run of one variant under `config`: find it, log to it, register its model."""
+
+    def __init__(self, config: Config, stage: str):
+        self.config, self.stage = config, stage
+        self.mlflow, self.client = _client()
+        experiment = f"mulcon-{config.data.dataset}"
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.tags = {"dataset": config.data.dataset, "data_version": data_version(config), **git_state()}
+        key = run_key(config, self.tags["git_commit"], self.tags["data_version"])
+        parent_tags = {"mulcon.kind": "ablation", "mulcon.key": key}
+        self.parent_id = _find_or_create(self.client, self.experiment_id, parent_tags,
+                                         f"ablation-{config.data.dataset}-{key[:8]}")
+        variant = config.train.variant
+        self.run_id = _find_or_create(self.client, self.experiment_id,
+                                      {"mulcon.kind": "variant", "mulcon.key": key, "variant": variant},
+                                      f"{variant}-{config.data.dataset}")
+
+    @contextlib.contextmanager
+    def active(self, system_metrics: bool = False) -> Iterator[Any]:
+        """Make this run the active one (nested in the ablation parent) for the `with` block."""
+        tags = {**self.tags, "stage": self.stage, "variant": self.config.train.variant,
+                "mlflow.parentRunId": self.parent_id}
+        with self.mlflow.start_run(run_id=self.run_id, log_system_metrics=system_metrics) as run:
+            self.mlflow.set_tags(tags)
+            yield run
+
+    def log_config(self) -> None:
+        """The resolved config as params (dotted names, as in params.yaml) and as an artifact."""
+        flat = {key: str(value) for key, value in to_flat_dict(self.config).items()}
+        existing = self.client.get_run(self.run_id).data.params
+        self.mlflow.log_params({k: v for k, v in flat.items() if k not in existing})
+        self.mlflow.log_text(yaml.safe_dump(to_dict(self.config), sort_keys=False), "config/params.yaml")
+
+    def log_epoch(self, record: dict[str, Any], step: int) -> None:
+        names = {"bce": "loss_bce", "contrastive": "loss_contrastive", "total": "loss_total"}
+        metrics = {names.get(key, key): float(value) for key, value in record.items()
+                   if isinstance(value, (int, float)) and key != "epoch"}
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def log_artifacts(self, paths: list[Path], folder: str) -> None:
+        for path in paths:
+            if Path(path).exists():
+                self.mlflow.log_artifact(str(path), folder)
+
+    def log_model(self, network, image_size: int, classes: list[str]) -> str:
+        """Log the trained network as a `Scorer` (pickled, with the mulcon package as code), with a
+        signature and an input example, and register it as mulcon-<dataset>.
+
+        Returns:
+            The registered model version.
+        """
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        import mulcon
+        from mulcon.serving import Scorer
+
+        scorer = Scorer(network.cpu().eval(), classes, image_size).eval()
+        example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
+        with torch.no_grad():
+            scores = scorer(torch.from_numpy(example)).numpy()
+        name = f"mulcon-{self.config.data.dataset}"
+        info = self.mlflow.pytorch.log_model(
+            scorer, name="model", serialization_format="pickle", code_paths=[str(Path(mulcon.__file__).parent)],
+            signature=infer_signature(example, scores), input_example=example, registered_model_name=name,
+            metadata={"classes": classes, "variant": self.config.train.variant}, await_registration_for=60)
+        version = str(info.registered_model_version)
+        self.client.set_model_version_tag(name, version, "variant", self.config.train.variant)
+        return version
