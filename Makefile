@@ -1,30 +1,35 @@
-# make demo: the main job on the embedded demo dataset. make test: the whole test suite.
+# make demo: the main job (dvc repro) on the embedded demo dataset. make test: the whole test suite.
 # Both create and install .venv (Python 3.11) when it is missing or older than pyproject.toml.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
-PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PARAMS ?= params.yaml
+# DVC stages call `python -m mulcon ...`: the venv's python comes first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test mlflow-ui clean-demo
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mulcon make-demo --params $(PARAMS)
-	$(PY) -m mulcon prepare --params $(PARAMS)
-	$(PY) -m mulcon train --params $(PARAMS) --stage pretrain
-	$(PY) -m mulcon train --params $(PARAMS) --stage finetune
-	$(PY) -m mulcon evaluate --params $(PARAMS)
+	python -m mulcon make-demo
+	dvc add --quiet data
+	dvc repro
+	@cat reports/ablation.md
+	@echo
+	@python -c "import json; from mulcon.evaluate import format_table; print(format_table(json.load(open('reports/mulcon/metrics.json'))))"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	python -m pytest -q
+
+mlflow-ui: $(STAMP)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean-demo:
-	rm -rf data/demo prepared/demo runs reports
+	rm -rf data/demo prepared/demo runs checkpoints reports

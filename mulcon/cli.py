@@ -1,4 +1,4 @@
-"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate} --params params.yaml [-S key=value ...]`.
+"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report} --params params.yaml [-S key=value ...]`.
 
 DVC stages and Kubeflow components call these same verbs. Bad input (a mistyped key, a missing
 dataset, a corrupt annotation file) prints one line naming the file, line or key, and exits 2.
@@ -46,8 +46,17 @@ def train(config: Config, args: argparse.Namespace) -> None:
     from mulcon.train import run_training
 
     stages = None if args.stage == "all" else (args.stage,)
-    path = run_training(config, out_dir=args.out_dir, checkpoint_dir=args.checkpoint_dir, stages=stages,
-                        resume=args.resume)
+
+    def run(callback=None) -> Path:
+        return run_training(config, out_dir=args.out_dir, checkpoint_dir=args.checkpoint_dir, stages=stages,
+                            resume=args.resume, callback=callback)
+
+    if config.tracking.enabled:
+        from mulcon.tracking import track_training
+
+        path = track_training(config, args.stage, run)
+    else:
+        path = run()
     logger.info("model: %s", path)
 
 
@@ -56,11 +65,26 @@ def evaluate(config: Config, args: argparse.Namespace) -> None:
 
     variant = config.train.variant
     model_path = args.model or Path(config.train.out_root) / variant / "model.pt"
-    out_dir = args.out_dir or Path(config.evaluate.out_root) / variant
+    out_dir = Path(args.out_dir or Path(config.evaluate.out_root) / variant)
     metrics = evaluate_model(config, model_path, out_dir)
+    if config.tracking.enabled:
+        from mulcon.tracking import track_evaluation
+
+        track_evaluation(config, metrics, sorted(out_dir.iterdir()))
     print(f"{variant} on {config.data.dataset}/{metrics['split']} ({metrics['num_images']} images, "
           f"model selected on: {metrics['selected_on']})")
     print(format_table(metrics))
+
+
+def report(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.report import write_report
+
+    files = write_report(config.evaluate.out_root, config.data.dataset)
+    if config.tracking.enabled:
+        from mulcon.tracking import track_report
+
+        track_report(config, files)
+    print(files[0].read_text(), end="")
 
 
 COMMANDS = {
@@ -68,6 +92,7 @@ COMMANDS = {
     "prepare": (prepare, "read the raw dataset, check images, write manifests to <data.prepared_root>/<dataset>"),
     "train": (train, "train train.variant (both steps of its plan, or one with --stage)"),
     "evaluate": (evaluate, "score a model on evaluate.split and write metrics, per-class AP and PR curves"),
+    "report": (report, "the ablation table (Table 3) and Tables 1-2 from the variants' metrics"),
 }
 
 

@@ -117,6 +117,13 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True  # log runs to MLflow at MLFLOW_TRACKING_URI (default sqlite:///mlflow.db)
+    register_model: bool = True  # register each variant's final model as mulcon-<dataset>
+    system_metrics: bool = True  # CPU, memory (and GPU) usage during training
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -126,6 +133,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 CHOICES = {
@@ -141,6 +149,7 @@ CHOICES = {
 RESULT_INDEPENDENT = {
     "data.num_workers", "data.root", "data.prepared_root", "train.device", "train.out_root",
     "train.checkpoint_root", "evaluate.split", "evaluate.threshold", "evaluate.batch_size", "evaluate.out_root",
+    "tracking.enabled", "tracking.register_model", "tracking.system_metrics",
 }
 POSITIVE = {
     "data.image_size", "demo.num_train", "demo.num_val", "demo.image_size", "model.embed_dim",

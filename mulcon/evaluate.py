@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from mulcon.config import Config, config_from_dict
 from mulcon.data.dataset import ManifestDataset, load_classes
 from mulcon.data.transforms import eval_transform
 from mulcon.errors import CheckpointError
-from mulcon.io import write_json, write_text
+from mulcon.io import atomic_path, write_json, write_text
 from mulcon.metrics import average_precision, multilabel_metrics
 from mulcon.model import build_model
 
@@ -98,7 +99,7 @@ def pr_curve_rows(scores: np.ndarray, targets: np.ndarray, classes: list[str]) -
     for name, tp, pp, pos in columns:
         precision = np.where(pp > 0, tp / np.maximum(pp, 1), 1.0)
         recall = tp / np.maximum(pos, 1)
-        rows.extend((name, round(t, 2), round(float(p), 6), round(float(r), 6))
+        rows.extend((name, round(float(t), 2), round(float(p), 6), round(float(r), 6))
                     for t, p, r in zip(PR_THRESHOLDS, precision, recall))
     return rows
 
@@ -111,16 +112,62 @@ def _csv_text(header: list[str], rows: list) -> str:
     return buffer.getvalue()
 
 
-def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np.ndarray,
-                  scores: np.ndarray, targets: np.ndarray, classes: list[str]) -> None:
-    """metrics.json, per_class_ap.csv and pr_curve.csv in `out_dir`, each written atomically."""
+def write_pr_plot(path: Path, rows: list[tuple]) -> None:
+    """PR curves as a PNG: the micro-average in bold over each class in thin grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(5, 5), dpi=100)
+    for name in dict.fromkeys(row[0] for row in rows):
+        points = sorted((row[3], row[2]) for row in rows if row[0] == name)
+        bold = name == "all"
+        axes.plot(*zip(*points), color="C0" if bold else "0.75", linewidth=2.5 if bold else 0.7,
+                  label="micro-average" if bold else None, zorder=3 if bold else 1)
+    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall")
+    axes.legend(loc="lower left")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", bbox_inches="tight")
+    pyplot.close(figure)
+
+
+def combined_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a variant's stages in order, numbered by a global epoch."""
+    records: list[dict[str, Any]] = []
+    for stage in ("pretrain", "finetune"):
+        path = run_dir / stage / "history.json"
+        if path.exists():
+            records.extend({**record, "global_epoch": len(records) + 1} for record in json.loads(path.read_text()))
+    return records
+
+
+def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np.ndarray, scores: np.ndarray,
+                  targets: np.ndarray, classes: list[str], run_dir: Path | None = None) -> list[Path]:
+    """Write the report files of an evaluation into `out_dir`, each atomically; return their paths.
+
+    metrics.json, per_class_ap.csv, pr_curve.csv (micro-average), pr_curve_per_class.csv,
+    pr_curve.png and, when `run_dir` holds per-stage histories, history.csv.
+    """
     out_dir = Path(out_dir)
     ap_rows = [(name, int(targets[:, c].sum()), "" if np.isnan(ap) else round(float(ap), 4))
                for c, (name, ap) in enumerate(zip(classes, per_class_ap))]
+    curves = pr_curve_rows(scores, targets, classes)
     write_text(out_dir / "per_class_ap.csv", _csv_text(["class", "positives", "ap"], ap_rows))
-    write_text(out_dir / "pr_curve.csv", _csv_text(["class", "threshold", "precision", "recall"],
-                                                      pr_curve_rows(scores, targets, classes)))
+    write_text(out_dir / "pr_curve.csv", _csv_text(["threshold", "precision", "recall"],
+                                                   [row[1:] for row in curves if row[0] == "all"]))
+    write_text(out_dir / "pr_curve_per_class.csv", _csv_text(["class", "threshold", "precision", "recall"],
+                                                             [row for row in curves if row[0] != "all"]))
+    write_pr_plot(out_dir / "pr_curve.png", curves)
+    files = [out_dir / name for name in ("per_class_ap.csv", "pr_curve.csv", "pr_curve_per_class.csv", "pr_curve.png")]
+    history = combined_history(run_dir) if run_dir is not None else []
+    if history:
+        columns = ["global_epoch", "stage", "epoch", "lr", "bce", "contrastive", "total", "val_mAP", "val_CF1", "val_OF1"]
+        rows = [[record.get(column, "") for column in columns] for record in history]
+        write_text(out_dir / "history.csv", _csv_text(columns, rows))
+        files.append(out_dir / "history.csv")
     write_json(out_dir / "metrics.json", metrics)
+    return [out_dir / "metrics.json", *files]
 
 
 def evaluate_model(config: Config, model_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -142,7 +189,8 @@ def evaluate_model(config: Config, model_path: str | Path, out_dir: str | Path |
     metrics.update(split=config.evaluate.split, num_images=int(len(scores)), variant=state.get("variant"),
                    selected_on=state.get("selected_on", "final"))
     if out_dir is not None:
-        write_reports(out_dir, metrics, average_precision(scores, targets), scores, targets, classes)
+        write_reports(out_dir, metrics, average_precision(scores, targets), scores, targets, classes,
+                      run_dir=Path(model_path).parent)
     return metrics
 
 

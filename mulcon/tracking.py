@@ -18,7 +18,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -128,6 +128,9 @@ class Tracker:
             self.mlflow.set_tags(tags)
             yield run
 
+    def tags_now(self) -> dict[str, str]:
+        return self.client.get_run(self.run_id).data.tags
+
     def log_config(self) -> None:
         """The resolved config as params (dotted names, as in params.yaml) and as an artifact."""
         flat = {key: str(value) for key, value in to_flat_dict(self.config).items()}
@@ -172,3 +175,59 @@ class Tracker:
         version = str(info.registered_model_version)
         self.client.set_model_version_tag(name, version, "variant", self.config.train.variant)
         return version
+
+
+def epoch_offsets(config: Config) -> dict[str, int]:
+    """Epochs run before each stage of the variant's plan: MLflow steps count across stages."""
+    from mulcon.variants import plan_variant
+
+    offsets, total = {}, 0
+    for step in plan_variant(config.train).steps:
+        offsets[step.stage], total = total, total + step.epochs
+    return offsets
+
+
+def track_training(config: Config, stage: str, train: Callable[[Callable], Path]) -> Path:
+    """Run `train(callback)` inside the variant's MLflow run: params, tags, per-epoch metrics,
+    system metrics; once the variant's last stage is done, its histories and its model.
+
+    Args:
+        stage: the CLI's --stage ("all", "pretrain" or "finetune").
+        train: runs the training with the epoch callback it is given; returns the final model path.
+    """
+    from mulcon import checkpoint
+    from mulcon.evaluate import load_model
+    from mulcon.variants import plan_variant
+
+    tracker = Tracker(config, stage)
+    offsets = epoch_offsets(config)
+    plan = plan_variant(config.train)
+    with tracker.active(system_metrics=config.tracking.system_metrics):
+        tracker.log_config()
+        final = train(lambda record: tracker.log_epoch(record, offsets[record["stage"]] + record["epoch"]))
+        finished = final.exists() and stage in ("all", plan.steps[-1].stage)
+        if finished and config.tracking.register_model and "model_version" not in tracker.tags_now():
+            tracker.log_artifacts([final.parent / step.stage / "history.json" for step in plan.steps], "history")
+            network, state = load_model(final)
+            version = tracker.log_model(network, config.data.image_size, state["classes"])
+            tracker.mlflow.set_tag("model_version", version)
+            logger.info("registered mulcon-%s version %s (run %s)", config.data.dataset, version, tracker.run_id)
+    return final
+
+
+def track_evaluation(config: Config, metrics: dict[str, Any], files: list[Path]) -> None:
+    """Log an evaluation's metrics (prefixed with the split) and report files to the variant's run."""
+    tracker = Tracker(config, "evaluate")
+    split = metrics["split"]
+    with tracker.active():
+        tracker.mlflow.log_metrics({f"{split}_{key}": float(value) for key, value in metrics.items()
+                                    if isinstance(value, float)})
+        tracker.log_artifacts(files, f"evaluation/{split}")
+
+
+def track_report(config: Config, files: list[Path]) -> None:
+    """Attach the ablation tables to the parent run of the ablation."""
+    tracker = Tracker(config, "report")
+    with tracker.mlflow.start_run(run_id=tracker.parent_id):  # ends the parent run as FINISHED
+        tracker.mlflow.set_tags({**tracker.tags, "stage": "report"})
+        tracker.log_artifacts(files, "report")

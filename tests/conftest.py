@@ -14,6 +14,7 @@ TINY = [
     "data.image_size=32", "data.num_workers=0", "data.val_fraction=0.2", "model.embed_dim=32",
     "model.projection_dim=16", "pretrain.batch_size=8", "finetune.batch_size=4",
     "train.pretrain_epochs=1", "train.finetune_epochs=1", "train.device=cpu", "evaluate.batch_size=16",
+    "tracking.enabled=false",
 ]
 
 

@@ -1,0 +1,117 @@
+"""The real `dvc repro` on a temporary copy of the repository, shrunk: every stage runs, the
+ablation lands in MLflow as one parent run with five nested runs, `dvc status` is clean after,
+and a repro killed mid-training resumes from its checkpoint without redoing finished stages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, TINY
+
+BIN = Path(sys.executable).parent
+
+
+def _tracked_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return [name for name in listed if (ROOT / name).is_file()]
+
+
+def make_repo(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict[str, str]]:
+    """A git repository holding this project's files, with the tiny params and a demo dataset."""
+    repo = tmp_path / "repo"
+    for name in _tracked_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    values = yaml.safe_load((repo / "params.yaml").read_text())
+    for override in [*TINY, "tracking.enabled=true", "demo.num_train=24", "demo.num_val=12", "demo.image_size=48",
+                     *overrides]:
+        key, value = override.split("=")
+        section, name = key.split(".")
+        values[section][name] = yaml.safe_load(value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    environment = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo),
+                   "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "GIT_AUTHOR_NAME": "test",
+                   "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
+                   "GIT_COMMITTER_EMAIL": "test@example.com", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"],
+                    [sys.executable, "-m", "mulcon", "make-demo"], ["dvc", "add", "-q", "data"]):
+        subprocess.run(command, cwd=repo, env=environment, check=True, capture_output=True)
+    return repo, environment
+
+
+def dvc(repo: Path, environment: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["dvc", *args], cwd=repo, env=environment, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path):
+    import mlflow
+
+    repo, environment = make_repo(tmp_path, [])
+    dvc(repo, environment, "repro")
+    table = (repo / "reports" / "ablation.md").read_text()
+    for method in ("Backbone with BCE |", "Backbone with BCE + SCL", "MulCon with BCE only", "MulCon without pretraining",
+                   "| MulCon |"):
+        assert method in table
+    results = (repo / "reports" / "metrics.md").read_text()
+    assert "## Table 1: COCO-2014" in results and "## This run: demo" in results and "| MulCon (ours) |" in results
+    assert "Data and pipelines are up to date" in dvc(repo, environment, "status").stdout
+    metrics = dvc(repo, environment, "metrics", "show").stdout
+    assert "reports/mulcon/metrics.json" in metrics and "mAP" in metrics
+    dvc(repo, environment, "plots", "show", "-o", str(tmp_path / "plots"))
+    assert (tmp_path / "plots" / "index.html").exists()
+
+    client = mlflow.MlflowClient(environment["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("mulcon-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if run.data.tags.get("mulcon.kind") == "ablation"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.data.tags["variant"] for run in children) == sorted(
+        ["backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain", "mulcon"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/ablation.md"}
+    versions = client.search_model_versions("name='mulcon-demo'")
+    assert len(versions) == 5
+    for run in children:
+        assert run.data.params["train.variant"] == run.data.tags["variant"]
+        assert run.data.params["model.embed_dim"] == "32"
+        assert len(client.get_metric_history(run.info.run_id, "loss_total")) == 2
+        assert "test_mAP" in run.data.metrics and "val_mAP" in run.data.metrics
+        assert run.data.tags["git_commit"] != "unknown" and run.data.tags["data_version"] != "untracked"
+        version = next(v for v in versions if str(v.version) == run.data.tags["model_version"])
+        assert version.run_id == run.info.run_id and version.tags["variant"] == run.data.tags["variant"]
+        paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test")}
+        assert "evaluation/test/pr_curve.png" in paths and "evaluation/test/per_class_ap.csv" in paths
+
+
+def test_killed_repro_resumes_without_redoing_finished_stages(tmp_path):
+    repo, environment = make_repo(tmp_path, ["train.pretrain_epochs=4", "tracking.enabled=false"])
+    process = subprocess.Popen(["dvc", "repro", "pretrain"], cwd=repo, env=environment, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = repo / "runs" / "mulcon" / "pretrain" / "history.json"
+    deadline = time.monotonic() + 300
+    while not history.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the stage finished before it could be killed"
+    prepared = repo / "prepared" / "demo" / "train.csv"
+    stamp = prepared.stat().st_mtime_ns
+    result = dvc(repo, environment, "repro", "pretrain")
+    assert "Stage 'prepare' didn't change, skipping" in result.stdout
+    assert prepared.stat().st_mtime_ns == stamp
+    assert "resuming mulcon/pretrain from epoch" in result.stderr + result.stdout
+    assert "Data and pipelines are up to date" in dvc(repo, environment, "status", "pretrain").stdout
