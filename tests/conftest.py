@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,3 +52,103 @@ def tiny_params(tiny_data, tmp_path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+BIN = Path(sys.executable).parent
+
+
+def _tracked_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return [name for name in listed if (ROOT / name).is_file()]
+
+
+def make_repo(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict[str, str]]:
+    """A git repository holding this project's files, with the tiny params and a demo dataset."""
+    repo = tmp_path / "repo"
+    for name in _tracked_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    values = yaml.safe_load((repo / "params.yaml").read_text())
+    for override in [*TINY, "tracking.enabled=true", "demo.num_train=24", "demo.num_val=12", "demo.image_size=48",
+                     *overrides]:
+        key, value = override.split("=")
+        section, name = key.split(".")
+        values[section][name] = yaml.safe_load(value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    environment = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo),
+                   "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "GIT_AUTHOR_NAME": "test",
+                   "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
+                   "GIT_COMMITTER_EMAIL": "test@example.com", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"],
+                    [sys.executable, "-m", "mulcon", "make-demo"], ["dvc", "add", "-q", "data"]):
+        subprocess.run(command, cwd=repo, env=environment, check=True, capture_output=True)
+    return repo, environment
+
+
+def dvc(repo: Path, environment: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["dvc", *args], cwd=repo, env=environment, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {seconds} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3-compatible server on 127.0.0.1, stopped after the session; yields its endpoint URL."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **S3_ENVIRONMENT})
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(endpoint, process)
+        yield endpoint
+    finally:
+        stop(process)
+        log.close()
+
+
+@pytest.fixture
+def s3_environment(s3_server, monkeypatch) -> dict[str, str]:
+    for key, value in S3_ENVIRONMENT.items():
+        monkeypatch.setenv(key, value)
+    return {**S3_ENVIRONMENT, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENVIRONMENT.items()
+                                                 if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1").create_bucket(Bucket=name)

@@ -5,56 +5,11 @@ and a repro killed mid-training resumes from its checkpoint without redoing fini
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import pytest
-import yaml
-
-from tests.conftest import ROOT, TINY
-
-BIN = Path(sys.executable).parent
-
-
-def _tracked_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split()
-    return [name for name in listed if (ROOT / name).is_file()]
-
-
-def make_repo(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict[str, str]]:
-    """A git repository holding this project's files, with the tiny params and a demo dataset."""
-    repo = tmp_path / "repo"
-    for name in _tracked_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    values = yaml.safe_load((repo / "params.yaml").read_text())
-    for override in [*TINY, "tracking.enabled=true", "demo.num_train=24", "demo.num_val=12", "demo.image_size=48",
-                     *overrides]:
-        key, value = override.split("=")
-        section, name = key.split(".")
-        values[section][name] = yaml.safe_load(value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    environment = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo),
-                   "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "GIT_AUTHOR_NAME": "test",
-                   "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-                   "GIT_COMMITTER_EMAIL": "test@example.com", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"],
-                    [sys.executable, "-m", "mulcon", "make-demo"], ["dvc", "add", "-q", "data"]):
-        subprocess.run(command, cwd=repo, env=environment, check=True, capture_output=True)
-    return repo, environment
-
-
-def dvc(repo: Path, environment: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["dvc", *args], cwd=repo, env=environment, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
+from tests.conftest import dvc, make_repo
 
 def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path):
     import mlflow
