@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python -m mulcon ...`: the venv's python comes first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test mlflow-ui clean-demo
+.PHONY: setup demo test mlflow-ui clean-demo repro
 
 setup: $(STAMP)
 
@@ -33,3 +33,8 @@ mlflow-ui: $(STAMP)
 
 clean-demo:
 	rm -rf data/demo prepared/demo runs checkpoints reports
+
+# make repro PRESET=configs/paper-coco2014.yaml: the paper's settings as params.yaml, then dvc repro
+repro: $(STAMP)
+	$(if $(PRESET),cp $(PRESET) params.yaml)
+	dvc repro

@@ -70,3 +70,11 @@ def test_killed_repro_resumes_without_redoing_finished_stages(tmp_path):
     assert prepared.stat().st_mtime_ns == stamp
     assert "resuming mulcon/pretrain from epoch" in result.stderr + result.stdout
     assert "Data and pipelines are up to date" in dvc(repo, environment, "status", "pretrain").stdout
+
+
+def test_repro_on_a_missing_dataset_says_what_to_put_where(tmp_path):
+    repo, environment = make_repo(tmp_path, ["data.dataset=nuswide", "tracking.enabled=false"])
+    result = dvc(repo, environment, "repro", "prepare", check=False)
+    assert result.returncode != 0
+    assert "nus_wid_data.csv" in result.stderr and "images under" in result.stderr
+    assert not (repo / "prepared" / "nuswide").exists()

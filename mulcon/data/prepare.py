@@ -152,9 +152,10 @@ def prepare(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
     splits["test"] = kept["test"]
     for split in ("train", "test"):
         if not splits[split]:
+            missing = reader_report.get("missing_images", 0)  # files the reader already left out
             raise DataError(f"{dataset}: no usable {split} images under {raw_dir} "
                             f"({len(raw_splits[split])} listed, {len(raw_splits[split]) - len(kept[split])} "
-                            "missing or corrupt)")
+                            f"missing or corrupt{f'; {missing} listed files missing in all splits' if missing else ''})")
     info = _info(dataset, raw_dir, splits, skipped, reader_report, len(classes), val_fraction, seed)
     with staged_directory(out_dir, marker=INFO_NAME) as staging:
         write_json(staging / "classes.json", classes)
