@@ -1,4 +1,4 @@
-"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report} --params params.yaml [-S key=value ...]`.
+"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report,predict,analyze} --params params.yaml [-S key=value ...]`.
 
 DVC stages and Kubeflow components call these same verbs. Bad input (a mistyped key, a missing
 dataset, a corrupt annotation file) prints one line naming the file, line or key, and exits 2.
@@ -87,12 +87,47 @@ def report(config: Config, args: argparse.Namespace) -> None:
     print(files[0].read_text(), end="")
 
 
+def analyze(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.analysis import run_analysis
+
+    runs = Path(config.train.out_root)
+    models = {"BCE only": Path(args.bce_model or runs / "mulcon_bce" / "model.pt"),
+              "MulCon": Path(args.model or runs / "mulcon" / "model.pt")}
+    out_dir = Path(args.out_dir or Path(config.evaluate.out_root) / "analysis")
+    metrics = run_analysis(config, models, out_dir)
+    if config.tracking.enabled:
+        from mulcon.tracking import track_analysis
+
+        track_analysis(config, metrics, sorted(out_dir.iterdir()))
+    print(json.dumps(metrics, indent=2))
+
+
+def predict(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.serving import ImageClassifier, load_scorer
+
+    model = args.model or Path(config.train.out_root) / config.train.variant / "model.pt"
+    threshold = config.evaluate.threshold if args.threshold is None else args.threshold
+    answers = ImageClassifier(load_scorer(model)).predict(args.images, {"threshold": threshold})
+    if args.json:
+        print(json.dumps([{"image": image, "labels": row.labels, "scores": row.scores}
+                          for image, row in zip(args.images, answers.itertuples())], indent=2))
+        return
+    for image, row in zip(args.images, answers.itertuples()):
+        print(image)
+        for label, score in zip(row.labels, row.scores):
+            print(f"  {label:<20} {score:.3f}")
+        if not row.labels:
+            print(f"  (no label scores >= {threshold})")
+
+
 COMMANDS = {
     "make-demo": (make_demo, "generate the demo dataset (COCO format) under <data.root>/demo"),
     "prepare": (prepare, "read the raw dataset, check images, write manifests to <data.prepared_root>/<dataset>"),
     "train": (train, "train train.variant (both steps of its plan, or one with --stage)"),
     "evaluate": (evaluate, "score a model on evaluate.split and write metrics, per-class AP and PR curves"),
     "report": (report, "the ablation table (Table 3) and Tables 1-2 from the variants' metrics"),
+    "predict": (predict, "label names and scores of images, from a model file or an MLflow model URI"),
+    "analyze": (analyze, "t-SNE, retrieval and attention figures and retrieval precision@k (section 4.4)"),
 }
 
 
@@ -111,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
             sub.add_argument("--out-dir", help="default: <train.out_root>/<train.variant>")
             sub.add_argument("--checkpoint-dir", help="default: <train.checkpoint_root>/<train.variant>")
+        if name == "predict":
+            sub.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG files")
+            sub.add_argument("--model", help="model.pt or MLflow URI such as models:/mulcon-demo@champion "
+                                             "(default: <train.out_root>/<train.variant>/model.pt)")
+            sub.add_argument("--threshold", type=float, help="default: evaluate.threshold")
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "analyze":
+            sub.add_argument("--model", help="MulCon model (default: <train.out_root>/mulcon/model.pt)")
+            sub.add_argument("--bce-model", help="BCE-only model (default: <train.out_root>/mulcon_bce/model.pt)")
+            sub.add_argument("--out-dir", help="default: <evaluate.out_root>/analysis")
         if name == "evaluate":
             sub.add_argument("--model", help="model file (default: <train.out_root>/<train.variant>/model.pt)")
             sub.add_argument("--out-dir", help="default: <evaluate.out_root>/<train.variant>")

@@ -117,6 +117,16 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """Section 4.4: t-SNE, retrieval and attention maps of `mulcon` against `mulcon_bce`."""
+
+    split: str = "test"  # the images embedded and searched
+    tsne_images: int = 1000  # images sampled for the t-SNE (the paper: 1,000)
+    precision_k: int = 10  # k of the label-conditioned retrieval precision@k
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True  # log runs to MLflow at MLFLOW_TRACKING_URI (default sqlite:///mlflow.db)
     register_model: bool = True  # register each variant's final model as mulcon-<dataset>
@@ -133,6 +143,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -144,17 +155,20 @@ CHOICES = {
     "train.variant": VARIANTS,
     "train.precision": ("bf16", "fp16", "fp32"),
     "evaluate.split": ("train", "val", "test"),
+    "analysis.split": ("train", "val", "test"),
 }
 # Keys that change where or how fast a run goes, not what it computes.
 RESULT_INDEPENDENT = {
     "data.num_workers", "data.root", "data.prepared_root", "train.device", "train.out_root",
     "train.checkpoint_root", "evaluate.split", "evaluate.threshold", "evaluate.batch_size", "evaluate.out_root",
-    "tracking.enabled", "tracking.register_model", "tracking.system_metrics",
+    "tracking.enabled", "tracking.register_model", "tracking.system_metrics", "analysis.split",
+    "analysis.tsne_images", "analysis.precision_k", "analysis.seed",
 }
 POSITIVE = {
     "data.image_size", "demo.num_train", "demo.num_val", "demo.image_size", "model.embed_dim",
     "model.num_heads", "model.projection_dim", "loss.temperature", "pretrain.lr", "pretrain.batch_size",
     "finetune.lr", "finetune.lr_step_epochs", "finetune.batch_size", "evaluate.batch_size",
+    "analysis.tsne_images", "analysis.precision_k",
 }
 
 

@@ -10,6 +10,7 @@ one parent run with the same key.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 import hashlib
 import json
 import logging
@@ -28,6 +29,9 @@ from mulcon.errors import MulconError
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Set by the Kubeflow components (components/): the pipeline run, which then gets runs of its own;
+# the md5 of the data fetched at a git revision; the commit the image was built from (no .git in it).
+PIPELINE_RUN_ENV, DATA_VERSION_ENV, GIT_COMMIT_ENV = "MULCON_PIPELINE_RUN", "MULCON_DATA_VERSION", "MULCON_GIT_COMMIT"
 
 
 class TrackingError(MulconError):
@@ -62,11 +66,13 @@ def git_state(root: str | Path = ".") -> dict[str, str]:
         return {"git_commit": git("rev-parse", "HEAD").strip(),
                 "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no").strip())).lower()}
     except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
+        return {"git_commit": os.environ.get(GIT_COMMIT_ENV) or "unknown", "git_dirty": "unknown"}
 
 
 def data_version(config: Config, root: str | Path = ".") -> str:
-    """The md5 that `data.dvc` records for the raw data folder, or "untracked"."""
+    """The md5 that `data.dvc` records for the raw data folder (or $MULCON_DATA_VERSION), or "untracked"."""
+    if os.environ.get(DATA_VERSION_ENV):
+        return os.environ[DATA_VERSION_ENV]
     path = Path(root) / "data.dvc"
     try:
         outs = yaml.safe_load(path.read_text()).get("outs", [])
@@ -110,7 +116,11 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.tags = {"dataset": config.data.dataset, "data_version": data_version(config), **git_state()}
-        key = run_key(config, self.tags["git_commit"], self.tags["data_version"])
+        parts = [self.tags["git_commit"], self.tags["data_version"]]
+        if os.environ.get(PIPELINE_RUN_ENV):
+            self.tags["pipeline_run"] = os.environ[PIPELINE_RUN_ENV]
+            parts.append(self.tags["pipeline_run"])
+        key = run_key(config, *parts)
         parent_tags = {"mulcon.kind": "ablation", "mulcon.key": key}
         self.parent_id = _find_or_create(self.client, self.experiment_id, parent_tags,
                                          f"ablation-{config.data.dataset}-{key[:8]}")
@@ -150,32 +160,19 @@ class Tracker:
                 self.mlflow.log_artifact(str(path), folder)
 
     def log_model(self, network, image_size: int, classes: list[str]) -> str:
-        """Log the trained network as a `Scorer` (pickled, with the mulcon package as code), with a
-        signature and an input example, and register it as mulcon-<dataset>.
+        """Log the trained network as a `mulcon.serving.Scorer` and register it as mulcon-<dataset>.
 
         Returns:
             The registered model version.
         """
-        import numpy as np
-        import torch
-        from mlflow.models import infer_signature
+        from mulcon.serving import Scorer, log_model
 
-        import mulcon
-        from mulcon.serving import Scorer
-
-        scorer = Scorer(network.cpu().eval(), classes, image_size).eval()
-        example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
-        with torch.no_grad():
-            scores = scorer(torch.from_numpy(example)).numpy()
         name = f"mulcon-{self.config.data.dataset}"
-        info = self.mlflow.pytorch.log_model(
-            scorer, name="model", serialization_format="pickle", code_paths=[str(Path(mulcon.__file__).parent)],
-            signature=infer_signature(example, scores), input_example=example, registered_model_name=name,
-            metadata={"classes": classes, "variant": self.config.train.variant}, await_registration_for=60)
+        info = log_model(Scorer(network.cpu().eval(), classes, image_size), name="model", registered_model_name=name,
+                         metadata={"classes": classes, "variant": self.config.train.variant})
         version = str(info.registered_model_version)
         self.client.set_model_version_tag(name, version, "variant", self.config.train.variant)
         return version
-
 
 def epoch_offsets(config: Config) -> dict[str, int]:
     """Epochs run before each stage of the variant's plan: MLflow steps count across stages."""
@@ -195,10 +192,12 @@ def track_training(config: Config, stage: str, train: Callable[[Callable], Path]
         stage: the CLI's --stage ("all", "pretrain" or "finetune").
         train: runs the training with the epoch callback it is given; returns the final model path.
     """
-    from mulcon import checkpoint
+    from mulcon import checkpoint, distributed
     from mulcon.evaluate import load_model
     from mulcon.variants import plan_variant
 
+    if not distributed.is_main():  # under torchrun the other processes train and rank 0 logs
+        return train(None)
     tracker = Tracker(config, stage)
     offsets = epoch_offsets(config)
     plan = plan_variant(config.train)
@@ -223,6 +222,15 @@ def track_evaluation(config: Config, metrics: dict[str, Any], files: list[Path])
         tracker.mlflow.log_metrics({f"{split}_{key}": float(value) for key, value in metrics.items()
                                     if isinstance(value, float)})
         tracker.log_artifacts(files, f"evaluation/{split}")
+
+
+def track_analysis(config: Config, metrics: dict[str, Any], files: list[Path]) -> None:
+    """Log the analysis figures and retrieval precision@k to the run of the `mulcon` variant."""
+    tracker = Tracker(replace(config, train=replace(config.train, variant="mulcon")), "analyze")
+    with tracker.active():
+        tracker.mlflow.log_metrics({key: float(value) for key, value in metrics.items()
+                                    if key.startswith("precision_at_")})
+        tracker.log_artifacts(files, "analysis")
 
 
 def track_report(config: Config, files: list[Path]) -> None:

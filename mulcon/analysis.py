@@ -1,0 +1,216 @@
+"""Analysis of the learned label-level embeddings (paper section 4.4, Figures 3 to 6).
+
+- t-SNE of the active label-level embeddings, BCE-only model beside MulCon (Figure 3);
+- retrieval by Euclidean distance between label-level embeddings, for one (image, label) query
+  (Figure 4) and for several labels with concatenated embeddings (Figure 5), and a number the paper
+  does not give: label-conditioned precision@k over the whole split;
+- attention maps of each active label, and of each head of one label (Figure 6).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from mulcon.config import Config
+from mulcon.data.dataset import ManifestDataset
+from mulcon.data.transforms import eval_transform
+from mulcon.errors import CheckpointError
+from mulcon.evaluate import load_model, resolve_device
+from mulcon.io import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def label_embeddings(network: nn.Module, dataset: ManifestDataset, device: torch.device,
+                     batch_size: int = 64) -> np.ndarray:
+    """g_i of every image of `dataset`: (N, L, D) float16 (half the memory; distances barely move)."""
+    if not hasattr(network, "label_attention"):
+        raise CheckpointError("analysis needs a MulCon model (label-level embeddings), not the Baseline")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    chunks = [network(images.to(device)).label_embeddings.half().cpu().numpy()
+              for images, _ in tqdm(loader, desc="embeddings", leave=False, disable=None)]
+    return np.concatenate(chunks)
+
+
+def precision_at_k(embeddings: np.ndarray, targets: np.ndarray, k: int, chunk: int = 1024) -> float:
+    """Label-conditioned precision@k, in percent.
+
+    Each active (image i, label j) is a query: the other images are ranked by the distance of their
+    label-j embedding to g_ij, and the score is the share of the k nearest that have label j.
+    Averaged over all queries.
+    """
+    num_images, num_labels, _ = embeddings.shape
+    k = min(k, num_images - 1)
+    hits, queries = 0.0, 0
+    for label in range(num_labels):
+        database = torch.from_numpy(embeddings[:, label].astype(np.float32))  # (N, D)
+        relevant = torch.from_numpy(targets[:, label] > 0.5)  # (N,)
+        for start in range(0, num_images, chunk):
+            rows = torch.arange(start, min(start + chunk, num_images))
+            rows = rows[relevant[rows]]
+            if len(rows) == 0:
+                continue
+            distances = torch.cdist(database[rows], database)  # (Q, N)
+            distances[torch.arange(len(rows)), rows] = float("inf")  # never retrieve the query itself
+            nearest = distances.topk(k, largest=False).indices  # (Q, k)
+            hits += float(relevant[nearest].float().sum())
+            queries += len(rows)
+    return 100.0 * hits / max(queries * k, 1)
+
+
+def retrieve(embeddings: np.ndarray, query: int, labels: list[int], k: int) -> list[tuple[int, int]]:
+    """The k images nearest to image `query` under `labels`, with the label that matched.
+
+    One label (Figure 4): each other image's distance is its closest label embedding to g_query,label,
+    and that label is returned. Several labels (Figure 5): the concatenated embeddings of `labels`.
+    """
+    others = np.array([i for i in range(len(embeddings)) if i != query])
+    vectors = embeddings.astype(np.float32)
+    if len(labels) == 1:
+        distances = np.linalg.norm(vectors[others] - vectors[query, labels[0]], axis=-1)  # (N-1, L)
+        matched, best = distances.argmin(1), distances.min(1)
+    else:
+        database = vectors[others][:, labels].reshape(len(others), -1)
+        best = np.linalg.norm(database - vectors[query, labels].reshape(-1), axis=-1)
+        matched = np.full(len(others), labels[0])
+    order = np.argsort(best, kind="stable")[:k]
+    return [(int(others[i]), int(matched[i])) for i in order]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def _save(figure, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", bbox_inches="tight", dpi=100)
+    _pyplot().close(figure)
+
+
+def tsne_figure(path: Path, models: dict[str, np.ndarray], targets: np.ndarray, classes: list[str],
+                sample: np.ndarray, seed: int) -> None:
+    """Figure 3: t-SNE of the active label embeddings of the `sample` images, one panel per model."""
+    from sklearn.manifold import TSNE
+
+    pyplot = _pyplot()
+    images, labels = np.nonzero(targets[sample] > 0.5)
+    figure, axes = pyplot.subplots(1, len(models), figsize=(6 * len(models), 5.5), squeeze=False)
+    colours = pyplot.get_cmap("tab20" if len(classes) > 10 else "tab10")
+    for axis, (name, embeddings) in zip(axes[0], models.items()):
+        points = embeddings[sample][images, labels].astype(np.float32)  # (P, D)
+        perplexity = float(min(30, max(2, len(points) - 1) / 3))
+        xy = TSNE(2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(points)
+        for label in np.unique(labels):
+            chosen = labels == label
+            axis.scatter(*xy[chosen].T, s=6, color=colours(label % colours.N), label=classes[label])
+        axis.set(title=f"{name}: {len(points)} active label embeddings", xticks=[], yticks=[])
+    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=7, markerscale=2)
+    _save(figure, path)
+
+
+def _thumbnail(dataset: ManifestDataset, index: int, size: int) -> Image.Image:
+    return Image.open(dataset.image_root / dataset.paths[index]).convert("RGB").resize((size, size))
+
+
+def retrieval_figure(path: Path, dataset: ManifestDataset, classes: list[str], query: int, labels: list[int],
+                     results: dict[str, list[tuple[int, int]]], size: int) -> None:
+    """Figures 4 and 5: the query image, then the nearest images of each model with their label."""
+    pyplot = _pyplot()
+    k = max(len(found) for found in results.values())
+    figure, axes = pyplot.subplots(len(results), k + 1, figsize=(2 * (k + 1), 2.3 * len(results)), squeeze=False)
+    for row, (name, found) in enumerate(results.items()):
+        axes[row, 0].imshow(_thumbnail(dataset, query, size))
+        axes[row, 0].set_title(f"query: {' + '.join(classes[j] for j in labels)}", fontsize=8)
+        axes[row, 0].set_ylabel(name)
+        for column, (index, label) in enumerate(found, start=1):
+            relevant = all(dataset.targets[index, j] > 0.5 for j in labels)
+            axes[row, column].imshow(_thumbnail(dataset, index, size))
+            axes[row, column].set_title(classes[label], fontsize=8, color="green" if relevant else "red")
+    for axis in axes.flat:
+        axis.set(xticks=[], yticks=[])
+    _save(figure, path)
+
+
+def attention_figure(path: Path, network: nn.Module, dataset: ManifestDataset, index: int, classes: list[str],
+                     device: torch.device) -> None:
+    """Figure 6: top row, the image and each active label's map (mean over heads); bottom row,
+    each head of the first active label."""
+    pyplot = _pyplot()
+    image, target = dataset[index]
+    with torch.no_grad():
+        output = network(image[None].to(device), need_attention=True)
+    attention = output.attention[0].float().cpu()  # (h, L, N)
+    side = int(round(attention.shape[-1] ** 0.5))
+    size = image.shape[-1]
+    maps = attention.reshape(*attention.shape[:2], 1, side, side)
+    maps = torch.nn.functional.interpolate(maps.flatten(0, 1), size=(size, size), mode="bilinear")
+    maps = maps.reshape(attention.shape[0], attention.shape[1], size, size).numpy()  # (h, L, S, S)
+    active = [int(j) for j in np.flatnonzero(target.numpy() > 0.5)]
+    heads = maps.shape[0]
+    columns = max(len(active), heads) + 1
+    figure, axes = pyplot.subplots(2, columns, figsize=(2.2 * columns, 4.6), squeeze=False)
+    picture = np.asarray(_thumbnail(dataset, index, size))
+    rows = [[(f"{classes[j]}", maps[:, j].mean(0)) for j in active],
+            [(f"{classes[active[0]]}, head {h + 1}", maps[h, active[0]]) for h in range(heads)] if active else []]
+    for row, panels in enumerate(rows):
+        axes[row, 0].imshow(picture)
+        axes[row, 0].set_title("image" if row == 0 else "heads", fontsize=8)
+        for column, (title, heat) in enumerate(panels, start=1):
+            axes[row, column].imshow(picture)
+            axes[row, column].imshow(heat, cmap="jet", alpha=0.5)
+            axes[row, column].set_title(title, fontsize=8)
+    for axis in axes.flat:
+        axis.set(xticks=[], yticks=[])
+        if not axis.images:
+            axis.set_visible(False)
+    _save(figure, path)
+
+
+def run_analysis(config: Config, models: dict[str, Path], out_dir: str | Path) -> dict[str, Any]:
+    """All figures and the retrieval precision@k of `models` ({"BCE only": path, "MulCon": path}).
+
+    Returns:
+        The metrics written to `<out_dir>/metrics.json`.
+    """
+    out_dir = Path(out_dir)
+    device = resolve_device(config.train.device)
+    dataset = ManifestDataset(config.data.prepared_dir, config.analysis.split, eval_transform(config.data.image_size))
+    classes = dataset.classes
+    networks = {name: load_model(path, device)[0] for name, path in models.items()}
+    embeddings = {name: label_embeddings(network, dataset, device) for name, network in networks.items()}
+    targets = dataset.targets
+    k = config.analysis.precision_k
+    metrics = {f"precision_at_{k}_{_slug(name)}": round(precision_at_k(values, targets, k), 4)
+               for name, values in embeddings.items()}
+    metrics.update(split=config.analysis.split, num_images=len(dataset), k=k)
+    rng = np.random.default_rng(config.analysis.seed)
+    sample = np.sort(rng.permutation(len(dataset))[: config.analysis.tsne_images])
+    tsne_figure(out_dir / "tsne.png", embeddings, targets, classes, sample, config.analysis.seed)
+    multi = [int(i) for i in rng.permutation(len(dataset)) if targets[i].sum() >= 2] or [0]
+    query = multi[0]
+    labels = [int(j) for j in np.flatnonzero(targets[query] > 0.5)]
+    size = config.data.image_size
+    for file_name, chosen in (("retrieval_single.png", labels[:1]), ("retrieval_multi.png", labels[:2])):
+        results = {name: retrieve(values, query, chosen, 4) for name, values in embeddings.items()}
+        retrieval_figure(out_dir / file_name, dataset, classes, query, chosen, results, size)
+    attention_figure(out_dir / "attention.png", networks[list(networks)[-1]], dataset, query, classes, device)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
