@@ -25,6 +25,9 @@ def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path):
     assert "Data and pipelines are up to date" in dvc(repo, environment, "status").stdout
     metrics = dvc(repo, environment, "metrics", "show").stdout
     assert "reports/mulcon/metrics.json" in metrics and "mAP" in metrics
+    assert "precision_at_10_mulcon" in metrics  # the analyze stage's metrics
+    for figure in ("tsne.png", "retrieval_single.png", "retrieval_multi.png", "attention.png"):
+        assert (repo / "reports" / "analysis" / figure).stat().st_size > 1000
     dvc(repo, environment, "plots", "show", "-o", str(tmp_path / "plots"))
     assert (tmp_path / "plots" / "index.html").exists()
 
@@ -50,6 +53,9 @@ def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path):
         assert version.run_id == run.info.run_id and version.tags["variant"] == run.data.tags["variant"]
         paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test")}
         assert "evaluation/test/pr_curve.png" in paths and "evaluation/test/per_class_ap.csv" in paths
+    [main] = [run for run in children if run.data.tags["variant"] == "mulcon"]
+    assert "precision_at_10_mulcon" in main.data.metrics
+    assert "analysis/tsne.png" in {a.path for a in client.list_artifacts(main.info.run_id, "analysis")}
 
 
 def test_killed_repro_resumes_without_redoing_finished_stages(tmp_path):
