@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python -m mulcon ...`: the venv's python comes first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test mlflow-ui clean-demo repro
+IMAGE ?= mulcon:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+
+.PHONY: setup demo test mlflow-ui clean-demo repro image
 
 setup: $(STAMP)
 
@@ -38,3 +40,7 @@ clean-demo:
 repro: $(STAMP)
 	$(if $(PRESET),cp $(PRESET) params.yaml)
 	dvc repro
+
+# make image: the project image for the Kubeflow components and PyTorchJobs (needs a Docker engine)
+image:
+	docker build --build-arg GIT_COMMIT=$(shell git rev-parse HEAD 2>/dev/null || echo unknown) -t $(IMAGE) .

@@ -1,4 +1,4 @@
-"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report,predict,analyze} --params params.yaml [-S key=value ...]`.
+"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report,analyze,predict,promote} --params params.yaml [-S key=value ...]`.
 
 DVC stages and Kubeflow components call these same verbs. Bad input (a mistyped key, a missing
 dataset, a corrupt annotation file) prints one line naming the file, line or key, and exits 2.
@@ -120,6 +120,12 @@ def predict(config: Config, args: argparse.Namespace) -> None:
             print(f"  (no label scores >= {threshold})")
 
 
+def promote(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.registry import promote_trained
+
+    print(json.dumps(promote_trained(config, args.margin), indent=2))
+
+
 COMMANDS = {
     "make-demo": (make_demo, "generate the demo dataset (COCO format) under <data.root>/demo"),
     "prepare": (prepare, "read the raw dataset, check images, write manifests to <data.prepared_root>/<dataset>"),
@@ -128,6 +134,8 @@ COMMANDS = {
     "report": (report, "the ablation table (Table 3) and Tables 1-2 from the variants' metrics"),
     "predict": (predict, "label names and scores of images, from a model file or an MLflow model URI"),
     "analyze": (analyze, "t-SNE, retrieval and attention figures and retrieval precision@k (section 4.4)"),
+    "promote": (promote, "make the registered model of train.variant challenger, and champion when its val mAP "
+                         "beats the champion's by --margin points"),
 }
 
 
@@ -156,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--model", help="MulCon model (default: <train.out_root>/mulcon/model.pt)")
             sub.add_argument("--bce-model", help="BCE-only model (default: <train.out_root>/mulcon_bce/model.pt)")
             sub.add_argument("--out-dir", help="default: <evaluate.out_root>/analysis")
+        if name == "promote":
+            sub.add_argument("--margin", type=float, default=0.0, help="val mAP points a new model must gain")
         if name == "evaluate":
             sub.add_argument("--model", help="model file (default: <train.out_root>/<train.variant>/model.pt)")
             sub.add_argument("--out-dir", help="default: <evaluate.out_root>/<train.variant>")

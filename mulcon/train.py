@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mulcon import checkpoint
+from mulcon import checkpoint, distributed
 from mulcon.config import RESULT_INDEPENDENT, Config, config_from_dict, to_dict, to_flat_dict
 from mulcon.data.dataset import ManifestDataset, load_classes
 from mulcon.data.sampling import EpochSampler, SeededDataset
@@ -56,21 +56,28 @@ class Objective:
         else:
             classification = bce_loss(output.logits, targets)
         terms = {"bce": classification}
+        if self.contrastive is not None:
+            # Anchors, positives and denominators span the global batch of all training processes.
+            projections = distributed.all_gather_with_grad(output.projections)
+            targets = distributed.all_gather(targets)
         if self.contrastive == "label":
-            terms["contrastive"] = label_contrastive_loss(output.projections, targets, self.loss.temperature)
+            terms["contrastive"] = label_contrastive_loss(projections, targets, self.loss.temperature)
         elif self.contrastive == "image":
-            terms["contrastive"] = image_contrastive_loss(output.projections, targets, self.loss.temperature)
+            terms["contrastive"] = image_contrastive_loss(projections, targets, self.loss.temperature)
         terms["total"] = classification + self.loss.contrastive_weight * terms.get("contrastive", 0.0)
         return terms
 
 
 def train_loader(config: Config, step: Step) -> DataLoader:
-    """Shuffled, augmented batches; two independent views per image when the step is contrastive."""
+    """Shuffled, augmented batches; two independent views per image when the step is contrastive.
+    With several training processes each loads its share of every (global) batch."""
     batch_size = config.pretrain.batch_size if step.stage == "pretrain" else config.finetune.batch_size
+    batch_size = distributed.local_batch_size(batch_size)
     views = 2 if step.contrastive else 1
     dataset = ManifestDataset(config.data.prepared_dir, "train",
                               train_transform(config.data.image_size, config.data.randaugment), views=views)
-    sampler = EpochSampler(len(dataset), config.train.seed, batch_size=batch_size, drop_last=True)
+    sampler = EpochSampler(len(dataset), config.train.seed, batch_size=batch_size, drop_last=True,
+                           rank=distributed.rank(), world_size=distributed.world_size())
     workers = config.data.num_workers
     return DataLoader(SeededDataset(dataset, config.train.seed), batch_size=batch_size, sampler=sampler,
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
@@ -94,7 +101,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, objective: Objective, 
     for index, (images, targets) in enumerate(batches):
         images, targets = _rows(images, targets, device)
         with autocast(device, config.train.precision):
-            terms = objective(model(images), targets)
+            terms = objective(model(images, need_projections=objective.contrastive is not None), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["total"]).backward()
         if config.train.grad_clip > 0:
@@ -116,7 +123,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, objective: Objective, 
                 raise TrainingError(f"non-finite loss in epoch {epoch + 1} by batch {index + 1}; "
                                     "lower the learning rate or enable train.grad_clip")
     seconds = time.perf_counter() - started
-    means = {name: float(value) / max(1, len(loader)) for name, value in sums.items()}
+    means = {name: float(distributed.mean(value)) / max(1, len(loader)) for name, value in sums.items()}
+    images_seen *= distributed.world_size()
     return {**means, "seconds": seconds, "images_per_second": images_seen / max(seconds, 1e-9)}
 
 
@@ -193,13 +201,14 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
                 device: torch.device, classes: list[str], checkpoint_dir: Path,
                 callback: EpochCallback | None = None) -> dict[str, Any]:
     """Train `model` for one step of `plan`: history and model in `out_dir`, a checkpoint every
-    epoch in `checkpoint_dir`.
+    epoch in `checkpoint_dir`. With several training processes, rank 0 validates and writes.
 
     Returns:
         The content of the stage's `model.pt` (weights of the final or the val-selected epoch).
     """
     loader = train_loader(config, step)
-    val = eval_loader(config, "val", config.evaluate.batch_size) if config.data.val_fraction > 0 else None
+    validates = config.data.val_fraction > 0 and distributed.is_main()
+    val = eval_loader(config, "val", config.evaluate.batch_size) if validates else None
     run = StageRun(config, plan, step, model, device, len(loader), len(classes))
     path, start = checkpoint_dir / "checkpoint.pt", 0
     if resume and path.exists():
@@ -209,11 +218,13 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
             logger.info("resuming %s/%s from epoch %d", plan.variant, step.stage, start)
         else:
             logger.warning("%s was made under another config: %s/%s starts over", path, plan.variant, step.stage)
+    # DDP starts every process from rank 0's weights; a BCE-only step leaves the projector idle.
+    network = distributed.wrap(model, device, find_unused_parameters=step.contrastive is None)
     objective = Objective(config, step.contrastive)
     for epoch in range(start, step.epochs):
         loader.sampler.set_epoch(epoch)
         lr = run.optimizer.param_groups[0]["lr"]
-        record = train_one_epoch(model, loader, objective, run.optimizer, run.scheduler, run.step_per_batch,
+        record = train_one_epoch(network, loader, objective, run.optimizer, run.scheduler, run.step_per_batch,
                                  device, config, run.scaler, run.ema, epoch)
         if not run.step_per_batch:
             run.scheduler.step()
@@ -222,6 +233,8 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
         run.history.append(record)
         if config.train.select_on_val and val is not None and (run.best is None or record["val_mAP"] > run.best["val"]["val_mAP"]):
             run.best = _model_file(run.evaluated_model(), config, plan, step, classes, epoch + 1, "val", record)
+        if not distributed.is_main():
+            continue  # the other processes hold the same weights
         checkpoint.save(path, run.state(epoch + 1))
         write_json(out_dir / "history.json", run.history)
         logger.info("%s/%s epoch %d/%d: %s", plan.variant, step.stage, epoch + 1, step.epochs,
@@ -230,7 +243,9 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
             callback(record)
     last = run.history[-1] if run.history else {}
     result = run.best or _model_file(run.evaluated_model(), config, plan, step, classes, step.epochs, "final", last)
-    checkpoint.save(out_dir / "model.pt", result)
+    if distributed.is_main():
+        checkpoint.save(out_dir / "model.pt", result)
+    distributed.barrier()
     return result
 
 
@@ -253,12 +268,21 @@ def run_training(config: Config, *, out_dir: str | Path | None = None, checkpoin
         resume: continue each stage from its checkpoint and skip stages already done under the
             same config.
         callback: called with each epoch's record (stage, epoch, losses, lr, val metrics).
+
+    Under torchrun (`mulcon.distributed`) every process trains its share of each batch with
+    DistributedDataParallel; rank 0 alone validates, writes files and calls `callback`.
     """
+    with distributed.process_group(resolve_device(config.train.device)) as device:
+        return _run_plan(config, device, out_dir=out_dir, checkpoint_dir=checkpoint_dir, stages=stages,
+                         resume=resume, callback=callback)
+
+
+def _run_plan(config: Config, device: torch.device, *, out_dir: str | Path | None, checkpoint_dir: str | Path | None,
+              stages: tuple[str, ...] | None, resume: bool, callback: EpochCallback | None) -> Path:
     plan = plan_variant(config.train)
     out_dir = Path(out_dir or Path(config.train.out_root) / plan.variant)
     checkpoint_dir = Path(checkpoint_dir or Path(config.train.checkpoint_root) / plan.variant)
     torch.manual_seed(config.train.seed)
-    device = resolve_device(config.train.device)
     classes = load_classes(config.data.prepared_dir)
     model = build_model(config.model, len(classes), plan.label_level).to(device)
     wanted = stages or tuple(step.stage for step in plan.steps)
@@ -270,8 +294,9 @@ def run_training(config: Config, *, out_dir: str | Path | None = None, checkpoin
             continue
         for folder in (out_dir / step.stage, checkpoint_dir / step.stage):
             folder.mkdir(parents=True, exist_ok=True)
-            _clean_temporary_files(folder)
-        if not resume:
+            if distributed.is_main():
+                _clean_temporary_files(folder)
+        if not resume and distributed.is_main():
             for stale in (checkpoint_dir / step.stage / "checkpoint.pt", done, out_dir / step.stage / "history.json"):
                 stale.unlink(missing_ok=True)
         result = train_stage(config, plan, step, model, out_dir / step.stage, resume=resume, device=device,
@@ -279,7 +304,7 @@ def run_training(config: Config, *, out_dir: str | Path | None = None, checkpoin
         model.load_state_dict(result["model"])  # the next step starts from this stage's model
     last = out_dir / plan.steps[-1].stage / "model.pt"
     final = out_dir / "model.pt"
-    if last.exists():
+    if last.exists() and distributed.is_main():
         with atomic_path(final) as temporary:
             shutil.copyfile(last, temporary)
     return final

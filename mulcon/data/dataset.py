@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mulcon.data.cache import open_cache
 from mulcon.errors import DataError
 from mulcon.io import read_json
 
@@ -103,7 +104,7 @@ class ManifestDataset(Dataset):
     """
 
     def __init__(self, prepared_dir: str | os.PathLike, split: str, transform: Callable, *,
-                 views: int = 1, image_root: str | os.PathLike | None = None):
+                 views: int = 1, image_root: str | os.PathLike | None = None, image_size: int | None = None):
         """Args:
             prepared_dir: the folder written by `prepare`.
             split: "train", "val" or "test".
@@ -111,6 +112,9 @@ class ManifestDataset(Dataset):
             views: number of independently transformed views per image (2 for the contrastive step).
             image_root: where manifest paths are rooted; defaults to info.json's image_root (a
                 relative path there is relative to the working directory).
+            image_size: the side the transform resizes to; when `prepared_dir` holds an image
+                cache at this size (`mulcon.data.cache.build_cache`), images are read from it,
+                already resized, with identical results. None, or no such cache: raw images.
         """
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
@@ -124,6 +128,7 @@ class ManifestDataset(Dataset):
         self.image_root = Path(image_root)
         self.transform = transform
         self.views = views
+        self.cache = open_cache(prepared_dir, split, image_size) if image_size else None
 
     @property
     def num_labels(self) -> int:
@@ -134,6 +139,10 @@ class ManifestDataset(Dataset):
 
     def _open(self, index: int) -> Image.Image | None:
         """The RGB image at `index`, or None (with a warning) if it cannot be read."""
+        if self.cache is not None:
+            image = self.cache.image(index)
+            if image is not None:  # None: the image failed to decode when the cache was built
+                return image
         path = self.image_root / self.paths[index]
         try:
             with Image.open(path) as image:

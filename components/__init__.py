@@ -1,0 +1,23 @@
+"""Kubeflow Pipelines components: one lightweight Python component per pipeline step.
+
+Each component is a thin wrapper: typed inputs and outputs (Dataset, Model, Metrics artifacts), a
+body that resolves paths and calls the `python -m mulcon` verb that the matching `dvc.yaml` stage
+runs (through `mulcon.distributed.launch`, under torchrun for several GPUs) or one library
+function. Bodies import inside the function, as KFP lightweight components must; they run in the
+project image (`Dockerfile`), whose working directory holds `params.yaml` and this package, or,
+with `kfp.local.SubprocessRunner(use_venv=False)`, in this interpreter (`python -m pipeline run-local`).
+
+| Module | Components |
+|---|---|
+| `prepare` | `prepare`: the raw data of a data version (DVC), its manifests, the resolved params |
+| `train` | `pretrain`, `finetune` (MulCon's two steps), `train_variant` (one ablation variant) |
+| `evaluate` | `evaluate`: test-split metrics and reports of one variant |
+| `report` | `report`: Table 3 and Tables 1-2 from the five variants |
+| `promote` | `promote`: the run's model becomes challenger, and champion if better |
+| `pytorchjob` | `train_multinode`: MulCon on several nodes as a Kubeflow Training Operator PyTorchJob |
+"""
+
+import os
+
+# The project image; `python -m pipeline compile --image ...` (or $MULCON_IMAGE) sets another.
+IMAGE = os.environ.get("MULCON_IMAGE", "ghcr.io/mulcon/mulcon:0.1.0")

@@ -1,0 +1,18 @@
+"""A helper the components embed (`additional_funcs`): it must import what it uses inside."""
+
+
+def run_settings(data, pipeline_run: str, variant: str) -> tuple:
+    """Point `mulcon.tracking` at this pipeline run and the data version of `data` (the prepare
+    step's Dataset), and return the run's params file and the checkpoint folder of `variant`.
+
+    Checkpoints live in `<train.checkpoint_root>/<pipeline_run>/<variant>`, apart from the task's
+    outputs: on a volume mounted there, a retried task resumes from its last epoch.
+    """
+    import os
+
+    from mulcon.config import load_config
+
+    os.environ["MULCON_PIPELINE_RUN"] = pipeline_run
+    os.environ["MULCON_DATA_VERSION"] = data.metadata.get("data_version", "")
+    params = os.path.join(data.path, "params.yaml")
+    return params, os.path.join(load_config(params).train.checkpoint_root, pipeline_run, variant)

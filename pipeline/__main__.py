@@ -1,0 +1,172 @@
+"""`python -m pipeline {compile,submit,schedule,run-local}`: the Kubeflow pipeline from the shell.
+
+    python -m pipeline compile -o mulcon-pipeline.yaml --image registry.example/mulcon:0.1.0
+    python -m pipeline submit --host https://kfp.example -p data_revision=v1.2 -p gpus=4
+    python -m pipeline schedule --host https://kfp.example --cron "0 0 3 * * *"
+    python -m pipeline run-local --tiny
+
+submit and schedule read a bearer token from the environment variable named by --token-env
+(default KFP_TOKEN; none for a port-forwarded API). run-local runs every component in this
+interpreter (kfp.local.SubprocessRunner(use_venv=False)) on the working directory's data, with
+MLflow at $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db), outputs under --pipeline-root.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# The demo pipeline shrunk to seconds per step (the tests run it so): 32 px, tiny heads, 1 + 1 epochs.
+TINY = ["data.image_size=32", "data.num_workers=0", "data.val_fraction=0.2", "model.embed_dim=32",
+        "model.projection_dim=16", "pretrain.batch_size=8", "finetune.batch_size=4", "train.pretrain_epochs=1",
+        "train.finetune_epochs=1", "evaluate.batch_size=16", "demo.num_train=24", "demo.num_val=12",
+        "demo.image_size=48"]
+
+
+def _arguments(pairs: list[str]) -> dict:
+    """`-p name=value` pairs as pipeline arguments (values parsed as YAML: 4, 0.5, [a=1])."""
+    arguments = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"error: pipeline argument {pair!r} is not name=value")
+        arguments[name] = yaml.safe_load(value) if value else ""
+    return arguments
+
+
+def _compile(args: argparse.Namespace, output: str) -> str:
+    from kfp import compiler
+
+    from components import IMAGE
+    from pipeline.pipeline import build_pipeline
+
+    compiler.Compiler().compile(build_pipeline(args.image or IMAGE, args.parallelism, args.multinode), output)
+    return output
+
+
+def _client(args: argparse.Namespace):
+    import kfp
+
+    token = os.environ.get(args.token_env) or None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "only works with Kubeflow Pipeline v2.0.0-beta.2 and later"
+        return kfp.Client(host=args.host, existing_token=token, namespace=args.namespace)
+
+
+def _package(args: argparse.Namespace, folder: str) -> str:
+    return args.package or _compile(args, os.path.join(folder, "mulcon-pipeline.yaml"))
+
+
+def compile_command(args: argparse.Namespace) -> None:
+    print(_compile(args, args.output))
+
+
+def submit_command(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        result = _client(args).create_run_from_pipeline_package(
+            _package(args, folder), arguments=_arguments(args.param), run_name=args.run_name,
+            experiment_name=args.experiment, namespace=args.namespace)
+    print(f"run {result.run_id}")
+
+
+def schedule_command(args: argparse.Namespace) -> None:
+    if len(args.cron.split()) != 6:
+        raise SystemExit(f"error: --cron {args.cron!r}: Kubeflow wants 6 fields, seconds first "
+                         "(second minute hour day-of-month month day-of-week), e.g. '0 0 3 * * *'")
+    client = _client(args)
+    experiment = client.create_experiment(args.experiment, namespace=args.namespace)  # gets it when it exists
+    with tempfile.TemporaryDirectory() as folder:
+        job = client.create_recurring_run(
+            experiment.experiment_id, args.name, cron_expression=args.cron, pipeline_package_path=_package(args, folder),
+            params=_arguments(args.param), max_concurrency=1, no_catchup=True, enable_caching=False)
+    print(f"recurring run {job.recurring_run_id} ({args.cron})")
+
+
+def run_local_command(args: argparse.Namespace) -> None:
+    from kfp import local
+
+    from mulcon.config import load_config
+    from mulcon.data.demo import make_demo
+    from mulcon.errors import MulconError
+    from pipeline.pipeline import build_pipeline
+
+    overrides = [*(TINY if args.tiny else []), *args.overrides]
+    try:
+        config = load_config(args.params, overrides)
+    except MulconError as error:
+        raise SystemExit(f"error: {error}") from None
+    raw = config.data.raw_dir
+    if config.data.dataset == "demo" and not raw.is_dir():
+        make_demo(raw, num_train=config.demo.num_train, num_val=config.demo.num_val,
+                  image_size=config.demo.image_size, seed=config.demo.seed)
+    # The components' subprocesses import `components` and `mulcon` from this checkout, from any directory.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # the project image runs this Python
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=args.pipeline_root)
+    arguments = {"dataset": config.data.dataset, "pretrain_epochs": config.train.pretrain_epochs,
+                 "finetune_epochs": config.train.finetune_epochs, "gpus": 1, "params_file": str(Path(args.params).resolve()),
+                 "overrides": overrides, **_arguments(args.param)}
+    build_pipeline(parallelism=1)(**arguments)
+    tables = sorted(Path(args.pipeline_root).glob("mulcon-*/report/ablation"), key=os.path.getmtime)
+    if tables:
+        print(tables[-1].read_text(), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    compiling = commands.add_parser("compile", help="write the pipeline YAML")
+    compiling.add_argument("-o", "--output", default="mulcon-pipeline.yaml")
+    for sub, help_text in (("submit", "start a run on a Kubeflow Pipelines cluster"),
+                           ("schedule", "create a recurring run (scheduled retraining)")):
+        command = commands.add_parser(sub, help=help_text, description=help_text)
+        command.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"),
+                             help="the Kubeflow Pipelines API (default: $KF_PIPELINES_ENDPOINT)")
+        command.add_argument("--token-env", default="KFP_TOKEN", help="environment variable holding the bearer token")
+        command.add_argument("--namespace", default="kubeflow", help="the profile namespace of a multi-user cluster")
+        command.add_argument("--experiment", default="mulcon")
+        command.add_argument("--package", help="a compiled pipeline YAML (default: compile now)")
+        command.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                             help="a pipeline argument, e.g. -p data_revision=v1.2 -p gpus=4 (repeatable)")
+        if sub == "submit":
+            command.add_argument("--run-name")
+        else:
+            command.add_argument("--cron", required=True, help="6 fields, seconds first, e.g. '0 0 3 * * *' (03:00 daily)")
+            command.add_argument("--name", default="mulcon-retraining", help="the recurring run's name")
+    for command in (compiling, commands.choices["submit"], commands.choices["schedule"]):
+        command.add_argument("--image", help="the project image (default: $MULCON_IMAGE or components.IMAGE)")
+        command.add_argument("--parallelism", type=int, default=4, help="ablation variants trained at once")
+        command.add_argument("--multinode", action="store_true",
+                             help="train MulCon with a PyTorchJob (pipeline arguments nodes, workspace_pvc)")
+    local_run = commands.add_parser("run-local", help="run the whole pipeline here with kfp.local (no cluster)")
+    local_run.add_argument("--params", default="params.yaml")
+    local_run.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a param, as for python -m mulcon (repeatable)")
+    local_run.add_argument("--tiny", action="store_true", help="shrink to seconds per step (32 px, 1 + 1 epochs)")
+    local_run.add_argument("--pipeline-root", default="kfp-local", help="where task outputs go (default: kfp-local)")
+    local_run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                           help="a pipeline argument, e.g. -p promote_margin=1 (repeatable)")
+    return parser
+
+
+COMMANDS = {"compile": compile_command, "submit": submit_command, "schedule": schedule_command,
+            "run-local": run_local_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command in ("submit", "schedule") and not args.host:
+        raise SystemExit("error: give --host (or set KF_PIPELINES_ENDPOINT)")
+    COMMANDS[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The Kubeflow pipeline: the compiled YAML (GPUs, resources, secrets, retries, no caching of
+training, the ParallelFor), the multi-node PyTorchJob, submit and schedule against a stand-in for
+the Kubeflow Pipelines API, the prepare component fetching a data revision through DVC from S3,
+and the whole pipeline run by the KFP local runner, shrunk, into MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+
+from components.pytorchjob import pytorchjob_manifest
+from tests.conftest import ROOT, make_bucket
+
+# The local runner warns that the project image is not a "python" image: it runs this interpreter.
+pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
+IMAGE = "registry.example/mulcon:test"
+TRAINING = ("exec-pretrain", "exec-finetune", "exec-train-variant")
+
+
+def compile_pipeline(tmp_path, *extra: str) -> tuple[dict, dict]:
+    output = tmp_path / "pipeline.yaml"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "compile", "-o", str(output), "--image", IMAGE, *extra],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    spec, platform = yaml.safe_load_all(output.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_compiled_training_tasks_request_gpus_and_get_secrets(tmp_path):
+    spec, kubernetes = compile_pipeline(tmp_path)
+    executors, tasks = spec["deploymentSpec"]["executors"], spec["root"]["dag"]["tasks"]
+    for name in TRAINING:
+        resources = executors[name]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+        assert (resources["resourceCpuRequest"], resources["resourceMemoryLimit"]) == ("8", "64G")
+        assert kubernetes[name]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
+    for name, executor in executors.items():
+        assert executor["container"]["image"] == IMAGE
+        assert "pip install" not in " ".join(executor["container"]["command"])  # kfp and mulcon are in the image
+        secrets = {(entry["secretName"], pair["envVar"]) for entry in kubernetes[name]["secretAsEnv"]
+                   for pair in entry["keyToEnv"]}
+        assert {("mulcon-s3", "AWS_SECRET_ACCESS_KEY"), ("mulcon-mlflow", "MLFLOW_TRACKING_URI")} <= secrets, name
+    for name in ("pretrain", "finetune"):
+        assert not tasks[name]["cachingOptions"].get("enableCache") and tasks[name]["retryPolicy"]["maxRetryCount"] == 2
+    loop = tasks["for-loop-2"]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 4
+    assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [
+        "backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain"]
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"dataset", "pretrain_epochs", "finetune_epochs", "gpus", "data_revision"} <= set(parameters)
+    assert not [name for name in parameters if any(word in name for word in ("secret", "token", "password", "key"))]
+
+
+def test_multinode_pipeline_launches_a_pytorchjob(tmp_path):
+    spec, kubernetes = compile_pipeline(tmp_path, "--multinode")
+    assert {"nodes", "workspace_pvc"} <= set(spec["root"]["inputDefinitions"]["parameters"])
+    assert "train-multinode" in spec["root"]["dag"]["tasks"] and "pretrain" not in spec["root"]["dag"]["tasks"]
+    assert kubernetes["exec-train-multinode"]["pvcMount"][0]["mountPath"] == "/workspace"
+    command = ["python", "-m", "torch.distributed.run", "--nproc_per_node=8", "-m", "mulcon", "train"]
+    job = pytorchjob_manifest("mulcon-run", "team", IMAGE, 3, 8, command, "mulcon-workspace", {"MULCON_PIPELINE_RUN": "r"})
+    assert (job["apiVersion"], job["kind"], job["spec"]["nprocPerNode"]) == ("kubeflow.org/v1", "PyTorchJob", "8")
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
+    [container] = replicas["Worker"]["template"]["spec"]["containers"]
+    assert container["name"] == "pytorch" and container["command"] == command
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert {"name": "MULCON_PIPELINE_RUN", "value": "r"} in container["env"]
+    assert {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {
+        "name": "mulcon-mlflow", "key": "MLFLOW_TRACKING_URI", "optional": True}}} in container["env"]
+
+
+class KubeflowApi(BaseHTTPRequestHandler):
+    """Answers the few Kubeflow Pipelines v2beta1 calls that submit and schedule make; records them."""
+
+    requests: list = []
+
+    def _answer(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.requests.append(("GET", self.path, self.headers.get("Authorization"), None))
+        self._answer({"multi_user": False} if "healthz" in self.path else {"experiments": []})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        self.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
+        answers = {"/apis/v2beta1/experiments": {"experiment_id": "experiment-1", "display_name": "mulcon"},
+                   "/apis/v2beta1/runs": {"run_id": "run-1"},
+                   "/apis/v2beta1/recurringruns": {"recurring_run_id": "recurring-1"}}
+        self._answer(answers[self.path.split("?")[0]])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kubeflow_api():
+    KubeflowApi.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KubeflowApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", KubeflowApi.requests
+    server.shutdown()
+
+
+def test_submit_and_schedule_send_the_pipeline_with_the_token_from_the_environment(kubeflow_api, monkeypatch, capsys):
+    from pipeline.__main__ import main
+
+    host, requests = kubeflow_api
+    monkeypatch.setenv("KFP_TOKEN", "token-from-env")
+    assert main(["submit", "--host", host, "-p", "data_revision=v1.2", "-p", "gpus=4"]) == 0
+    [run] = [body for method, path, _, body in requests if path == "/apis/v2beta1/runs"]
+    assert run["runtime_config"]["parameters"] == {"data_revision": "v1.2", "gpus": 4}
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "mulcon"
+    executors = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors["exec-pretrain"]["secretAsEnv"][0]["secretName"] == "mulcon-s3"
+    assert main(["schedule", "--host", host, "--cron", "0 0 3 * * *", "-p", "dataset=coco2014"]) == 0
+    [recurring] = [body for method, path, _, body in requests if path == "/apis/v2beta1/recurringruns"]
+    assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert recurring["display_name"] == "mulcon-retraining" and int(recurring["max_concurrency"]) == 1
+    assert recurring["runtime_config"]["parameters"] == {"dataset": "coco2014"}
+    assert recurring["experiment_id"] == "experiment-1"
+    assert {authorization for _, _, authorization, _ in requests} == {"Bearer token-from-env"}
+    assert "recurring run recurring-1 (0 0 3 * * *)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="Kubeflow wants 6 fields, seconds first"):
+        main(["schedule", "--host", host, "--cron", "0 3 * * *"])
+
+
+def git(repo, *args):
+    environment = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                   "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    subprocess.run(["git", *args], cwd=repo, env=environment, check=True, capture_output=True)
+
+
+def test_prepare_component_fetches_the_data_of_a_revision_through_dvc_from_s3(s3_server, s3_environment, tmp_path,
+                                                                             monkeypatch):
+    from kfp import local
+
+    from components.prepare import prepare
+    from mulcon.data import make_demo
+    from tests.conftest import BIN, dvc
+
+    make_bucket(s3_server, "dvc-versions")
+    repo, environment = tmp_path / "repo", {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    repo.mkdir()
+    git(repo, "init", "-q")
+    dvc(repo, environment, "init", "-q")
+    dvc(repo, environment, "remote", "add", "-d", "s3", "s3://dvc-versions/store")
+    dvc(repo, environment, "remote", "modify", "s3", "endpointurl", s3_server)
+    for version, seed in (("v1", 1), ("v2", 2)):  # v2 replaces the images and labels of v1
+        shutil.rmtree(repo / "data", ignore_errors=True)
+        make_demo(repo / "data" / "demo", num_train=10, num_val=4, image_size=32, seed=seed)
+        if version == "v1":
+            shutil.copytree(repo / "data" / "demo", tmp_path / "v1")
+        dvc(repo, environment, "add", "-q", "data")
+        dvc(repo, environment, "push", "-q")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", version)
+        git(repo, "tag", version)
+    shutil.rmtree(repo / ".dvc" / "cache")  # the data can only come from the S3 remote
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    task = prepare(dataset="demo", data_revision="v1", repo_url=str(repo), dvc_remote="", params_file=str(ROOT / "params.yaml"),
+                   overrides=["data.val_fraction=0.2"], pretrain_epochs=1, finetune_epochs=1)
+    data = task.outputs["data"]
+    fetched = sorted(path.relative_to(data.path + "/data/demo") for path in (tmp_path / data.path / "data" / "demo").rglob("*"))
+    assert fetched == sorted(path.relative_to(tmp_path / "v1") for path in (tmp_path / "v1").rglob("*"))
+    assert (tmp_path / data.path / "data/demo/annotations/instances_train2014.json").read_bytes() == (
+        tmp_path / "v1/annotations/instances_train2014.json").read_bytes()
+    v1_md5 = yaml.safe_load(subprocess.run(["git", "show", "v1:data.dvc"], cwd=repo, capture_output=True,
+                                           text=True, check=True).stdout)["outs"][0]["md5"]
+    assert data.metadata["data_version"] == v1_md5 and data.metadata["revision"] == "v1"
+    params = yaml.safe_load(open(os.path.join(data.path, "params.yaml")))
+    assert params["data"]["prepared_root"] == os.path.join(data.path, "prepared")
+    assert (params["train"]["pretrain_epochs"], params["data"]["val_fraction"]) == (1, 0.2)
+    assert os.path.exists(os.path.join(data.path, "prepared", "demo", "train.csv"))
+
+
+def test_run_local_runs_the_whole_pipeline_into_mlflow(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run-local", "--tiny", "--params", str(ROOT / "params.yaml"),
+                             "-S", "train.device=cpu", "-S", "tracking.system_metrics=false"],
+                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "| MulCon without pretraining |" in result.stdout and "| MulCon |" in result.stdout
+    assert len(list((tmp_path / "data" / "demo" / "train2014").glob("*.jpg"))) == 26  # generated: 24 + 2 unannotated
+    [root] = (tmp_path / "kfp-local").glob("mulcon-*")
+    assert (root / "report" / "tables" / "ablation.csv").exists()
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("mulcon-demo").experiment_id])
+    [parent] = [run for run in runs if run.data.tags["mulcon.kind"] == "ablation"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.data.tags["variant"] for run in children) == sorted(
+        ["backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain", "mulcon"])
+    assert len({run.data.tags["pipeline_run"] for run in runs}) == 1
+    assert all("test_mAP" in run.data.metrics and "model_version" in run.data.tags for run in children)
+    assert {artifact.path for artifact in client.list_artifacts(parent.info.run_id, "report")} >= {"report/ablation.md"}
+    [mulcon] = [run for run in children if run.data.tags["variant"] == "mulcon"]
+    assert mulcon.data.tags["promotion.decision"] == "promoted"  # the first model of mulcon-demo
+    for alias in ("champion", "challenger"):
+        assert client.get_model_version_by_alias("mulcon-demo", alias).run_id == mulcon.info.run_id
+    assert len(client.search_model_versions("name='mulcon-demo'")) == 5

@@ -1,0 +1,105 @@
+"""Champion/challenger promotion against a real `mlflow server` on 127.0.0.1: the first model becomes
+champion, a worse one does not, a better one does, a margin holds a slightly better one back, and
+a champion validated on another split is not compared."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+
+import pytest
+
+from mulcon.registry import CHALLENGER, CHAMPION, RegistryError, promote
+from tests.conftest import BIN, free_port, stop, wait_for
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(tmp_path_factory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow-registry")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{uri}/health", process, seconds=120)
+        yield mlflow.MlflowClient(uri)
+    finally:
+        stop(process)
+        log.close()
+
+
+def register(client, name: str, val_maps: list[float], **params: str) -> str:
+    """A training run with one val_mAP per epoch, registered as a new version of `name`."""
+    experiment = client.get_experiment_by_name("registry") or client.get_experiment(client.create_experiment("registry"))
+    run = client.create_run(experiment.experiment_id)
+    for epoch, value in enumerate(val_maps, start=1):
+        client.log_metric(run.info.run_id, "val_mAP", value, step=epoch)
+    for key, value in {"data.dataset": "demo", "data.val_fraction": "0.1", "train.seed": "0",
+                       "train.select_on_val": "False", **params}.items():
+        client.log_param(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    return client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+
+
+def alias(client, name: str, which: str) -> str:
+    return str(client.get_model_version_by_alias(name, which).version)
+
+
+def test_first_becomes_champion_worse_does_not_better_does(mlflow_client):
+    client, name = mlflow_client, f"mulcon-{uuid.uuid4().hex[:8]}"
+    first = register(client, name, [30.0, 50.0])
+    decision = promote(name, first, client=client)
+    assert decision["promoted"] and decision["reason"] == "no champion yet" and decision["challenger_value"] == 50.0
+    assert alias(client, name, CHAMPION) == alias(client, name, CHALLENGER) == str(first)
+
+    worse = register(client, name, [60.0, 45.0])  # the final epoch counts, not the best one
+    decision = promote(name, worse, client=client)
+    assert not decision["promoted"]
+    assert (decision["challenger_value"], decision["champion_value"], decision["champion_version"]) == (45.0, 50.0, str(first))
+    assert alias(client, name, CHAMPION) == str(first) and alias(client, name, CHALLENGER) == str(worse)
+    run = client.get_run(client.get_model_version(name, worse).run_id)
+    assert run.data.tags["promotion.decision"] == "kept champion"
+    assert "45 does not beat the champion's 50" in run.data.tags["promotion.reason"]
+    assert run.data.metrics["promotion/challenger_val_mAP"] == 45.0 and run.data.metrics["promotion/champion_val_mAP"] == 50.0
+    assert client.get_model_version(name, worse).tags["promotion"] == "kept champion"
+
+    better = register(client, name, [55.0])
+    decision = promote(name, better, client=client)
+    assert decision["promoted"] and decision["champion_version"] == str(first)
+    assert alias(client, name, CHAMPION) == alias(client, name, CHALLENGER) == str(better)
+    assert client.get_model_version(name, better).tags["promotion"] == "promoted"
+
+
+def test_margin_and_select_on_val(mlflow_client):
+    client, name = mlflow_client, f"mulcon-{uuid.uuid4().hex[:8]}"
+    promote(name, register(client, name, [50.0]), client=client)
+    slightly = register(client, name, [50.5])
+    assert not promote(name, slightly, margin=1.0, client=client)["promoted"]
+    selected = register(client, name, [52.0, 40.0], **{"train.select_on_val": "True"})  # keeps its best epoch
+    decision = promote(name, selected, margin=1.0, client=client)
+    assert decision["promoted"] and decision["challenger_value"] == 52.0
+    assert not promote(name, selected, client=client)["promoted"]  # already the champion: nothing moves
+
+
+def test_champion_of_another_split_is_not_compared(mlflow_client):
+    client, name = mlflow_client, f"mulcon-{uuid.uuid4().hex[:8]}"
+    champion = register(client, name, [40.0])
+    promote(name, champion, client=client)
+    other_split = register(client, name, [90.0], **{"data.val_fraction": "0.2"})
+    decision = promote(name, other_split, client=client)
+    assert not decision["promoted"] and "validation split differs in data.val_fraction" in decision["reason"]
+    assert alias(client, name, CHAMPION) == str(champion)
+
+
+def test_run_without_val_metric_is_an_error(mlflow_client):
+    client, name = mlflow_client, f"mulcon-{uuid.uuid4().hex[:8]}"
+    version = register(client, name, [])
+    with pytest.raises(RegistryError, match="has no metric val_mAP; train with a validation split"):
+        promote(name, version, client=client)
