@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 IMAGE ?= mulcon:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup demo test mlflow-ui clean-demo repro image
+.PHONY: setup demo test bench mlflow-ui clean-demo repro image
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest -q
+
+# make bench: benchmarks 1-4 on the CPU (about 5 minutes on 2 cores); benchmark 5 where CUDA is
+bench: $(STAMP)
+	python -m benchmarks.run_all
 
 mlflow-ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
