@@ -141,12 +141,14 @@ def finish(result: dict[str, Any], out: Path | None) -> dict[str, Any]:
     return result
 
 
-def make_coco_like_dataset(root: Path, num_images: int, seed: int = 0) -> Path:
+def make_coco_like_dataset(root: Path, num_images: int, seed: int = 0, repeats: int = 1) -> Path:
     """A prepared dataset of `num_images` COCO-sized training JPEGs; returns the prepared folder.
 
     The demo generator's scenes at 640 px, cropped to 640 x 480 and given film grain so that each
     file weighs about as much as a COCO-2014 JPEG (about 150 KB at quality 92): JPEG decoding
     cost follows pixels and entropy, and the demo's flat shapes alone would decode too fast.
+    With `repeats` the train manifest lists every image that many times: an epoch long enough to
+    keep many loader workers busy, from few files.
     """
     from mulcon.data import make_demo, prepare
 
@@ -160,4 +162,7 @@ def make_coco_like_dataset(root: Path, num_images: int, seed: int = 0) -> Path:
         Image.fromarray(np.clip(pixels + grain, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=92)
     prepared = root / "prepared"
     prepare("demo", raw, prepared, val_fraction=0.0, seed=0)
+    if repeats > 1:
+        header, *rows = (prepared / "train.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+        (prepared / "train.csv").write_text(header + "".join(rows * repeats), encoding="utf-8")
     return prepared

@@ -1,6 +1,6 @@
 """Benchmark 5 (GPU): MulCon and Baseline training throughput at the paper's size on one GPU.
 
-    python benchmarks/gpu.py [--out gpu.json]      # defaults sized for one H100, about 6 minutes
+    python benchmarks/gpu.py [--out gpu.json]      # defaults sized for one H100: about 5 minutes
     python benchmarks/gpu.py --tiny                # ResNet-18, 32 px, batch 2, 2 steps: CPU smoke run
 
 Synthetic data already on the device: ResNet-101 at 448 px, batch 64, MulCon (D=1024, h=4, L=80,
@@ -175,7 +175,7 @@ def run_synthetic(row: tuple, options, device, budget: Budget, flops: dict, peak
     reset_memory(device)
     model = build(kind, options, device, channels_last)
     if compiled:
-        model = torch.compile(model, backend=options.compile_backend)
+        model = torch.compile(model, backend=options.compile_backend, mode=options.compile_mode)
     step = train_step(model, device, precision, attention, objective)
     images, targets = synthetic_batch(options, device, channels_last)
 
@@ -218,7 +218,9 @@ def run_loader_rows(options, device, budget: Budget, flops: dict, peaks) -> list
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="mulcon-gpu-bench-") as folder:
-        prepared = make_coco_like_dataset(Path(folder), options.loader_images)
+        # Each worker makes whole batches: an epoch of 4 batches per worker keeps all of them busy.
+        repeats = -(-4 * options.batch_size * max(options.workers, 1) // options.loader_images)
+        prepared = make_coco_like_dataset(Path(folder), options.loader_images, repeats=repeats)
         step = train_step(build("mulcon", options, device, channels_last=True), device, "bf16", "sdpa", "bce")
         for (source, fed), rate in loader_rates(prepared, options, device, step, NUM_LABELS).items():
             mfu = flops["mulcon"] * rate / (peaks[0] * 1e12) if peaks and fed != "loader only" else None
@@ -262,6 +264,11 @@ def report(rows: list[dict], options, device) -> None:
                 ["section", "model / path", "precision", "layout", "compile", "attention", "objective / source",
                  "img/s", "ms/step", "peak GiB", "MFU %", "status"], table)
     print("  " + "; ".join(f"{name}: {value:.2f}x" for name, value in speedups(rows).items()))
+    alone = {row["objective"]: row["images_per_second"] for row in rows
+             if row["model"] == "loader only" and row["status"] == "ok"}
+    if alone:
+        print(f"  loader only, per worker ({options.workers} workers): "
+              + ", ".join(f"{source} {rate / max(options.workers, 1):.0f} img/s" for source, rate in alone.items()))
     mulcon = [row for row in rows if row["section"] == "synthetic" and row["model"] == "mulcon"
               and row["objective"] == "bce" and row["status"] == "ok"]
     if options.tiny or device.type != "cuda" or not mulcon:
@@ -296,6 +303,7 @@ def options_for(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--row-estimate-s", type=float, default=20.0)
     parser.add_argument("--compile-estimate-s", type=float, default=150.0)
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: none)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--loader-images", type=int, default=256, help="COCO-sized JPEGs for the loader rows")
     parser.add_argument("--loader-batches", type=int, default=30, help="timed batches per loader row (at most)")
@@ -318,9 +326,8 @@ def run(options: argparse.Namespace) -> dict:
         if row == COMPILED_ROWS[0]:  # the loader rows go before the long compilations
             rows += run_loader_rows(options, device, budget, flops, peaks)
         rows.append(run_synthetic(row, options, device, budget, flops, peaks))
-        if "row_seconds" in rows[-1]:  # the next estimate of a row of this kind: at least this one's time
-            name = "compile_estimate_s" if row[3] else "row_estimate_s"
-            setattr(options, name, max(getattr(options, name), rows[-1]["row_seconds"]))
+        if "row_seconds" in rows[-1]:  # the next row of this kind is estimated from this one
+            setattr(options, "compile_estimate_s" if row[3] else "row_estimate_s", 1.25 * rows[-1]["row_seconds"])
     if options.no_compile:
         rows += run_loader_rows(options, device, budget, flops, peaks)
     report(rows, options, device)

@@ -45,9 +45,10 @@ def _epochs(data: torch.utils.data.DataLoader) -> Iterator:
 
 def feed(data: torch.utils.data.DataLoader, device: torch.device, step: Step | None, num_labels: int,
          batches: int, max_seconds: float) -> float:
-    """Images per second delivered to `device` (and trained on, with `step`) after a warm-up epoch."""
+    """Images per second delivered to `device` (and trained on, with `step`) after a warm-up of
+    a batch per worker and two more (the workers start and their queues fill)."""
     stream = _epochs(data)
-    for _ in range(len(data)):  # the warm-up epoch starts the workers
+    for _ in range(data.num_workers + 2):
         next(stream)
     _synchronize(device)
     started, images = time.perf_counter(), 0
