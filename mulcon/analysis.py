@@ -188,7 +188,8 @@ def run_analysis(config: Config, models: dict[str, Path], out_dir: str | Path) -
     """
     out_dir = Path(out_dir)
     device = resolve_device(config.train.device)
-    dataset = ManifestDataset(config.data.prepared_dir, config.analysis.split, eval_transform(config.data.image_size))
+    dataset = ManifestDataset(config.data.prepared_dir, config.analysis.split, eval_transform(config.data.image_size),
+                              image_size=config.data.cache_size)
     classes = dataset.classes
     networks = {name: load_model(path, device)[0] for name, path in models.items()}
     embeddings = {name: label_embeddings(network, dataset, device) for name, network in networks.items()}

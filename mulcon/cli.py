@@ -40,6 +40,10 @@ def prepare(config: Config, args: argparse.Namespace) -> None:
                  val_fraction=config.data.val_fraction, seed=config.train.seed)
     logger.info("prepared %s in %s: %s", config.data.dataset, config.data.prepared_dir,
                 json.dumps(report.get("counts", {})))
+    if config.data.cache:
+        from mulcon.data.cache import build_cache
+
+        build_cache(config.data.prepared_dir, config.data.image_size)
 
 
 def train(config: Config, args: argparse.Namespace) -> None:

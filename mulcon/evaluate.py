@@ -48,7 +48,8 @@ def autocast(device: torch.device, precision: str):
 
 
 def eval_loader(config: Config, split: str, batch_size: int) -> DataLoader:
-    dataset = ManifestDataset(config.data.prepared_dir, split, eval_transform(config.data.image_size))
+    dataset = ManifestDataset(config.data.prepared_dir, split, eval_transform(config.data.image_size),
+                              image_size=config.data.cache_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=config.data.num_workers,
                       pin_memory=torch.cuda.is_available())
 
@@ -66,7 +67,7 @@ def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device,
     scores, targets = [], []
     for images, target in tqdm(loader, desc=progress, disable=progress is None, leave=False):
         with autocast(device, precision):
-            logits = model(images.to(device, non_blocking=True)).logits
+            logits = model(images.to(device, non_blocking=True), need_projections=False).logits
         scores.append(torch.sigmoid(logits.float()).cpu())
         targets.append(target)
     model.train(was_training)

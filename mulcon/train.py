@@ -75,7 +75,8 @@ def train_loader(config: Config, step: Step) -> DataLoader:
     batch_size = distributed.local_batch_size(batch_size)
     views = 2 if step.contrastive else 1
     dataset = ManifestDataset(config.data.prepared_dir, "train",
-                              train_transform(config.data.image_size, config.data.randaugment), views=views)
+                              train_transform(config.data.image_size, config.data.randaugment), views=views,
+                              image_size=config.data.cache_size)
     sampler = EpochSampler(len(dataset), config.train.seed, batch_size=batch_size, drop_last=True,
                            rank=distributed.rank(), world_size=distributed.world_size())
     workers = config.data.num_workers
@@ -220,6 +221,8 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
             logger.warning("%s was made under another config: %s/%s starts over", path, plan.variant, step.stage)
     # DDP starts every process from rank 0's weights; a BCE-only step leaves the projector idle.
     network = distributed.wrap(model, device, find_unused_parameters=step.contrastive is None)
+    if config.train.compile:  # the forward only: `model` keeps its parameters and state-dict keys
+        network = torch.compile(network)
     objective = Objective(config, step.contrastive)
     for epoch in range(start, step.epochs):
         loader.sampler.set_epoch(epoch)
@@ -273,6 +276,8 @@ def run_training(config: Config, *, out_dir: str | Path | None = None, checkpoin
     DistributedDataParallel; rank 0 alone validates, writes files and calls `callback`.
     """
     with distributed.process_group(resolve_device(config.train.device)) as device:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
         return _run_plan(config, device, out_dir=out_dir, checkpoint_dir=checkpoint_dir, stages=stages,
                          resume=resume, callback=callback)
 

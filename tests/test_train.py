@@ -18,6 +18,7 @@ from mulcon.config import VARIANTS, load_config
 from mulcon.errors import CheckpointError, TrainingError
 from mulcon.evaluate import evaluate_model
 from mulcon.train import run_training
+from mulcon.variants import Step
 from tests.conftest import ROOT
 
 
@@ -134,3 +135,43 @@ def test_resume_under_another_config_starts_over(tiny_params, tmp_path, caplog):
                  callback=records.append)
     assert records == []  # num_workers does not change results: nothing to redo
     assert checkpoint.load(tmp_path / "runs" / "mulcon_bce" / "model.pt")["config"]["pretrain"]["lr"] == 0.005
+
+
+def _weights(path):
+    return checkpoint.load(path)["model"]
+
+
+def test_prepare_with_data_cache_builds_the_cache_that_training_reads_to_the_same_weights(tiny_params, tmp_path):
+    prepared = tmp_path / "prepared"
+    subprocess.run([sys.executable, "-m", "mulcon", "prepare", "--params", str(tiny_params),
+                    "-S", f"data.prepared_root={prepared}", "-S", "data.cache=true"],
+                   check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    assert (prepared / "demo" / "cache" / "32" / "cache.json").is_file()
+    base = ["train.variant=mulcon", f"data.prepared_root={prepared}"]
+    cached = load_config(tiny_params, [*base, "data.cache=true", f"train.out_root={tmp_path / 'cached'}"])
+    raw = load_config(tiny_params, [*base, "data.cache=false", f"train.out_root={tmp_path / 'raw'}",
+                                    f"train.checkpoint_root={tmp_path / 'raw-checkpoints'}"])
+    step = Step("finetune", 1, "label")
+    assert mulcon.train.train_loader(cached, step).dataset.dataset.cache is not None
+    assert mulcon.train.train_loader(raw, step).dataset.dataset.cache is None
+    first, second = _weights(run_training(cached)), _weights(run_training(raw))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_train_compile_compiles_the_forward_and_keeps_the_weights(tiny_params, tmp_path, monkeypatch):
+    compiled = []
+    real = torch.compile
+
+    def compile_eagerly(module, **options):  # TorchDynamo's tracing, without Inductor's C++ build
+        compiled.append(module)
+        return real(module, backend="eager", **options)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    base = ["train.variant=mulcon_bce"]
+    eager = _weights(run_training(load_config(tiny_params, [*base, f"train.out_root={tmp_path / 'eager'}",
+                                                            f"train.checkpoint_root={tmp_path / 'c1'}"])))
+    assert compiled == []
+    fast = _weights(run_training(load_config(tiny_params, [*base, "train.compile=true"])))
+    assert len(compiled) == 1
+    assert fast.keys() == eager.keys()  # no "_orig_mod." prefixes in the saved weights
+    assert all(torch.allclose(fast[name].float(), eager[name].float(), atol=1e-4) for name in eager)

@@ -13,8 +13,6 @@ import logging
 import os
 from pathlib import Path
 
-from pycocotools.coco import COCO
-
 from mulcon.errors import DataError
 from mulcon.io import read_json
 
@@ -67,6 +65,8 @@ def _read(annotation_file: Path, image_dir: Path) -> tuple[list[str], list[Recor
     """`read_coco`, plus the number of images skipped for having no annotation."""
     document = _load_json(annotation_file)
     _check_references(document, annotation_file)
+    from pycocotools.coco import COCO  # imported here: only COCO data needs it
+
     coco = COCO()
     coco.dataset = document
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout

@@ -72,5 +72,5 @@ class SeededDataset(Dataset):
         epoch, index = key
         # fork_rng restores the caller's RNG afterwards: the main process (num_workers=0) keeps its stream.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, epoch, index))
+            torch.default_generator.manual_seed(_mix(self.seed, epoch, index))  # CPU only: no CUDA init
             return self.dataset[index]
