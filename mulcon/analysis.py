@@ -128,7 +128,8 @@ def _thumbnail(dataset: ManifestDataset, index: int, size: int) -> Image.Image:
 
 def retrieval_figure(path: Path, dataset: ManifestDataset, classes: list[str], query: int, labels: list[int],
                      results: dict[str, list[tuple[int, int]]], size: int) -> None:
-    """Figures 4 and 5: the query image, then the nearest images of each model with their label."""
+    """Figures 4 and 5: the query image, then the nearest images of each model; under each, the
+    query's labels marked present or absent (green: all present)."""
     pyplot = _pyplot()
     k = max(len(found) for found in results.values())
     figure, axes = pyplot.subplots(len(results), k + 1, figsize=(2 * (k + 1), 2.3 * len(results)), squeeze=False)
@@ -136,10 +137,11 @@ def retrieval_figure(path: Path, dataset: ManifestDataset, classes: list[str], q
         axes[row, 0].imshow(_thumbnail(dataset, query, size))
         axes[row, 0].set_title(f"query: {' + '.join(classes[j] for j in labels)}", fontsize=8)
         axes[row, 0].set_ylabel(name)
-        for column, (index, label) in enumerate(found, start=1):
-            relevant = all(dataset.targets[index, j] > 0.5 for j in labels)
+        for column, (index, _) in enumerate(found, start=1):
+            present = [bool(dataset.targets[index, j] > 0.5) for j in labels]
             axes[row, column].imshow(_thumbnail(dataset, index, size))
-            axes[row, column].set_title(classes[label], fontsize=8, color="green" if relevant else "red")
+            title = " ".join(f"{classes[j]} {'✓' if has else '✗'}" for j, has in zip(labels, present))
+            axes[row, column].set_title(title, fontsize=8, color="green" if all(present) else "red")
     for axis in axes.flat:
         axis.set(xticks=[], yticks=[])
     _save(figure, path)
