@@ -25,9 +25,8 @@ from typing import Callable
 import torch
 
 from benchmarks.common import (
-    finish, interleaved_times, median, paired_ratio, parser, print_table, set_threads, verdict,
+    finish, interleaved_times, median, paired_ratio, parser, print_table, set_threads, training_step, verdict,
 )
-from mulcon.losses import bce_loss, label_contrastive_loss
 from mulcon.model import Baseline, MulCon
 
 TARGET = 1.15  # MulCon step time / Baseline step time, at most
@@ -46,19 +45,8 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> tuple[to
 def make_step(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
               projections: bool = False, contrastive: bool = False) -> Callable[[], None]:
     """A closure running one training step (Adam) of `model` on the fixed batch."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    model.train()
-
-    def step() -> None:
-        output = model(images, need_projections=projections or contrastive)
-        loss = bce_loss(output.logits, targets)
-        if contrastive:
-            loss = loss + 0.1 * label_contrastive_loss(output.projections, targets, 0.2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    step = training_step(model, projections=projections, contrastive=contrastive)
+    return lambda: step(images, targets)
 
 
 def build_cases(backbone: str, embed_dim: int, images: torch.Tensor,

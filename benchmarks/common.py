@@ -166,3 +166,26 @@ def make_coco_like_dataset(root: Path, num_images: int, seed: int = 0, repeats: 
         header, *rows = (prepared / "train.csv").read_text(encoding="utf-8").splitlines(keepends=True)
         (prepared / "train.csv").write_text(header + "".join(rows * repeats), encoding="utf-8")
     return prepared
+
+
+def training_step(model: torch.nn.Module, *, device_type: str = "cpu", precision: str = "fp32",
+                  need_attention: bool = False, projections: bool = False,
+                  contrastive: bool = False) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One training step like `mulcon.train.train_one_epoch`'s: autocast forward (bf16 when
+    `precision` is bf16), BCE (+ 0.1 L_con), backward, an Adam update."""
+    from mulcon.losses import bce_loss, label_contrastive_loss
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            output = model(images, need_attention=need_attention, need_projections=projections or contrastive)
+            loss = bce_loss(output.logits, targets)
+            if contrastive:
+                loss = loss + 0.1 * label_contrastive_loss(output.projections, targets, 0.2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step

@@ -17,8 +17,8 @@ the chip's dense peak (bf16 rows: bf16 peak; fp32 rows: TF32 peak, which cuDNN's
 A time budget (--budget-s, 420 s) skips the remaining rows, saying so, so the run ends in 8 minutes.
 Target (issue 5): at least 1,000 MulCon training img/s at 448 px on one H100 (its fastest row).
 
-The device image has PyTorch but not pycocotools, which `mulcon.data` imports: without it the
-loader rows are skipped with a note. To run them, carry its wheel (see the device tool's README):
+The device image has PyTorch but not pycocotools, which `prepare` needs to read the (COCO-format)
+demo annotations: without it the loader rows are skipped with a note. To run them, carry its wheel (see the device tool's README):
 `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64
 -d .whl pycocotools` here, then start the command with `pip install --no-index --target /tmp/site
 .whl/*.whl && export PYTHONPATH=/tmp/site`.
@@ -39,8 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/gpu.py` from anywhere
 
-from benchmarks.common import machine, make_coco_like_dataset, print_table, usable_cpus  # noqa: E402
-from mulcon.losses import bce_loss, label_contrastive_loss  # noqa: E402
+from benchmarks.common import machine, make_coco_like_dataset, print_table, training_step, usable_cpus  # noqa: E402
 from mulcon.model import Baseline, MulCon  # noqa: E402
 
 TARGET_IMAGES_PER_SECOND = 1000
@@ -88,21 +87,8 @@ def build(kind: str, options: argparse.Namespace, device: torch.device, channels
 
 def train_step(model: torch.nn.Module, device: torch.device, precision: str, attention: str,
                objective: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """A training step like `mulcon.train.train_one_epoch`'s: autocast forward, loss, backward, Adam."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    contrastive = objective == "bce+lcon"
-
-    def step(images: torch.Tensor, targets: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            output = model(images, need_attention=attention == "explicit", need_projections=contrastive)
-            loss = bce_loss(output.logits, targets)
-            if contrastive:
-                loss = loss + 0.1 * label_contrastive_loss(output.projections, targets, 0.2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return training_step(model, device_type=device.type, precision=precision,
+                         need_attention=attention == "explicit", contrastive=objective == "bce+lcon")
 
 
 def synthetic_batch(options: argparse.Namespace, device: torch.device, channels_last: bool):
