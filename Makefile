@@ -23,6 +23,8 @@ demo: $(STAMP)
 	python -m mulcon make-demo
 	dvc add --quiet data
 	dvc repro
+	@# the MulCon model's registered version: challenger, and champion if it beats the champion
+	@python -m mulcon promote || echo "(no promotion: see the line above)"
 	@cat reports/ablation.md
 	@echo
 	@python -c "import json; from mulcon.evaluate import format_table; print(format_table(json.load(open('reports/mulcon/metrics.json'))))"

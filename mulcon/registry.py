@@ -125,17 +125,22 @@ def promote(model_name: str, version: str | int, margin: float = 0.0, metric: st
 
 
 def promote_trained(config: Config, margin: float = 0.0, metric: str = "val_mAP") -> dict[str, Any]:
-    """`promote` the model version registered by the training run of `config` (the run that
-    `mulcon.tracking` logged `train.variant` to under this config, commit and data version).
+    """`promote` the model version registered by the training run of `config`
+    (`mulcon.tracking.training_run`: the run `train.variant` was logged to under this config and
+    data version).
 
     Raises:
-        RegistryError: that run registered no model (not trained yet, or tracking.register_model=false).
+        TrackingError: no such run (not trained under this config and data version).
+        RegistryError: that run registered no model (tracking.register_model=false).
     """
-    from mulcon.tracking import Tracker
+    import mlflow
 
-    tracker = Tracker(config, "promote")
-    version = tracker.tags_now().get("model_version")
+    from mulcon.tracking import tracking_uri, training_run
+
+    run_id = training_run(config)
+    client = mlflow.MlflowClient(tracking_uri())
+    version = client.get_run(run_id).data.tags.get("model_version")
     if version is None:
-        raise RegistryError(f"MLflow run {tracker.run_id} ({config.train.variant} on {config.data.dataset}) has no "
+        raise RegistryError(f"MLflow run {run_id} ({config.train.variant} on {config.data.dataset}) has no "
                             "registered model: train it first, with tracking.register_model=true")
-    return promote(f"mulcon-{config.data.dataset}", version, margin, metric, client=tracker.client)
+    return promote(f"mulcon-{config.data.dataset}", version, margin, metric, client=client)

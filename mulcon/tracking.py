@@ -97,13 +97,50 @@ def _client():
     return mlflow, mlflow.MlflowClient(uri)
 
 
-def _find_or_create(client, experiment_id: str, tags: dict[str, str], name: str) -> str:
-    """The id of the run in `experiment_id` carrying all `tags`; created when there is none."""
+def _search(client, experiment_id: str, tags: dict[str, str]):
+    """The newest run in `experiment_id` carrying all `tags`, or None."""
     query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
     found = client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
-    if found:
-        return found[0].info.run_id
-    return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+    return found[0] if found else None
+
+
+def _find_or_create(client, experiment_id: str, tags: dict[str, str], name: str, also: dict[str, str] | None = None) -> str:
+    """The id of the run in `experiment_id` carrying all `tags`; created (with the `also` tags too) when there is none."""
+    found = _search(client, experiment_id, tags)
+    if found is not None:
+        return found.info.run_id
+    return client.create_run(experiment_id, tags={**tags, **(also or {})}, run_name=name).info.run_id
+
+
+def _keys(config: Config) -> tuple[dict[str, str], str, str]:
+    """The run tags of `config` (dataset, data version, git state, pipeline run), its run key (config,
+    commit, data version, pipeline run) and its config key (the same without the commit)."""
+    tags = {"dataset": config.data.dataset, "data_version": data_version(config), **git_state()}
+    parts = [tags["data_version"]]
+    if os.environ.get(PIPELINE_RUN_ENV):
+        tags["pipeline_run"] = os.environ[PIPELINE_RUN_ENV]
+        parts.append(tags["pipeline_run"])
+    return tags, run_key(config, tags["git_commit"], *parts), run_key(config, *parts)
+
+
+def training_run(config: Config) -> str:
+    """The id of the run that trained `config.train.variant`: the one of the current git commit,
+    else the newest trained from the same config and data at an earlier commit (a commit of
+    dvc.lock after `dvc repro` retrains nothing). Only reads the store.
+
+    Raises:
+        TrackingError: no such run (not trained under this config and data version).
+    """
+    _, client = _client()
+    experiment = client.get_experiment_by_name(f"mulcon-{config.data.dataset}")
+    _, key, config_key = _keys(config)
+    variant = {"mulcon.kind": "variant", "variant": config.train.variant}
+    for tags in ({**variant, "mulcon.key": key}, {**variant, "mulcon.config_key": config_key}):
+        found = _search(client, experiment.experiment_id, tags) if experiment else None
+        if found is not None:
+            return found.info.run_id
+    raise TrackingError(f"no MLflow run of {config.train.variant} on {config.data.dataset} trained under this config and "
+                        f"data version in {tracking_uri()}: train it first")
 
 
 class Tracker:
@@ -115,19 +152,14 @@ class Tracker:
         experiment = f"mulcon-{config.data.dataset}"
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.tags = {"dataset": config.data.dataset, "data_version": data_version(config), **git_state()}
-        parts = [self.tags["git_commit"], self.tags["data_version"]]
-        if os.environ.get(PIPELINE_RUN_ENV):
-            self.tags["pipeline_run"] = os.environ[PIPELINE_RUN_ENV]
-            parts.append(self.tags["pipeline_run"])
-        key = run_key(config, *parts)
+        self.tags, key, config_key = _keys(config)
         parent_tags = {"mulcon.kind": "ablation", "mulcon.key": key}
         self.parent_id = _find_or_create(self.client, self.experiment_id, parent_tags,
                                          f"ablation-{config.data.dataset}-{key[:8]}")
         variant = config.train.variant
         self.run_id = _find_or_create(self.client, self.experiment_id,
                                       {"mulcon.kind": "variant", "mulcon.key": key, "variant": variant},
-                                      f"{variant}-{config.data.dataset}")
+                                      f"{variant}-{config.data.dataset}", also={"mulcon.config_key": config_key})
 
     @contextlib.contextmanager
     def active(self, system_metrics: bool = False) -> Iterator[Any]:

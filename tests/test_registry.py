@@ -103,3 +103,35 @@ def test_run_without_val_metric_is_an_error(mlflow_client):
     version = register(client, name, [])
     with pytest.raises(RegistryError, match="has no metric val_mAP; train with a validation split"):
         promote(name, version, client=client)
+
+
+def test_promote_trained_finds_the_run_of_an_earlier_commit_and_never_writes_a_run(mlflow_client, tiny_params,
+                                                                                   monkeypatch):
+    from mulcon.config import load_config
+    from mulcon.registry import promote_trained
+    from mulcon.tracking import TrackingError, _keys
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_client.tracking_uri)
+    config = load_config(tiny_params, ["tracking.enabled=true"])
+    assert mlflow_client.get_experiment_by_name("mulcon-demo") is None
+    with pytest.raises(TrackingError, match="no MLflow run of mulcon on demo trained under this config"):
+        promote_trained(config)
+    assert mlflow_client.get_experiment_by_name("mulcon-demo") is None
+    experiment = mlflow_client.create_experiment("mulcon-demo")
+    with pytest.raises(TrackingError, match="train it first"):
+        promote_trained(config)
+    assert mlflow_client.search_runs([experiment]) == []
+    # Trained at an earlier commit: another run key, the same config key.
+    tags = {"mulcon.kind": "variant", "variant": "mulcon", "mulcon.key": "0" * 16, "mulcon.config_key": _keys(config)[2]}
+    run = mlflow_client.create_run(experiment, tags=tags).info.run_id
+    mlflow_client.log_metric(run, "val_mAP", 40.0, step=1)
+    for key, value in {"data.dataset": "demo", "data.val_fraction": "0.2", "train.seed": "0",
+                       "train.select_on_val": "False"}.items():
+        mlflow_client.log_param(run, key, value)
+    mlflow_client.create_registered_model("mulcon-demo")
+    version = mlflow_client.create_model_version("mulcon-demo", f"runs:/{run}/model", run_id=run).version
+    mlflow_client.set_tag(run, "model_version", str(version))
+    decision = promote_trained(config)
+    assert decision["promoted"] and decision["version"] == str(version)
+    assert alias(mlflow_client, "mulcon-demo", CHAMPION) == str(version)
+    assert [found.info.run_id for found in mlflow_client.search_runs([experiment])] == [run]
