@@ -128,8 +128,9 @@ def _thumbnail(dataset: ManifestDataset, index: int, size: int) -> Image.Image:
 
 def retrieval_figure(path: Path, dataset: ManifestDataset, classes: list[str], query: int, labels: list[int],
                      results: dict[str, list[tuple[int, int]]], size: int) -> None:
-    """Figures 4 and 5: the query image, then the nearest images of each model; under each, the
-    query's labels marked present or absent (green: all present)."""
+    """Figures 4 and 5: the query image, then the nearest images of each model; under each, for
+    one query label the label whose embedding matched, and the query's labels marked present or
+    absent (green: all present)."""
     pyplot = _pyplot()
     k = max(len(found) for found in results.values())
     figure, axes = pyplot.subplots(len(results), k + 1, figsize=(2 * (k + 1), 2.3 * len(results)), squeeze=False)
@@ -137,10 +138,11 @@ def retrieval_figure(path: Path, dataset: ManifestDataset, classes: list[str], q
         axes[row, 0].imshow(_thumbnail(dataset, query, size))
         axes[row, 0].set_title(f"query: {' + '.join(classes[j] for j in labels)}", fontsize=8)
         axes[row, 0].set_ylabel(name)
-        for column, (index, _) in enumerate(found, start=1):
+        for column, (index, matched) in enumerate(found, start=1):
             present = [bool(dataset.targets[index, j] > 0.5) for j in labels]
             axes[row, column].imshow(_thumbnail(dataset, index, size))
-            title = " ".join(f"{classes[j]} {'✓' if has else '✗'}" for j, has in zip(labels, present))
+            marks = " ".join(f"{classes[j]} {'✓' if has else '✗'}" for j, has in zip(labels, present))
+            title = f"matched: {classes[matched]}\n{marks}" if len(labels) == 1 else marks
             axes[row, column].set_title(title, fontsize=8, color="green" if all(present) else "red")
     for axis in axes.flat:
         axis.set(xticks=[], yticks=[])
