@@ -133,14 +133,11 @@ def promote_trained(config: Config, margin: float = 0.0, metric: str = "val_mAP"
         TrackingError: no such run (not trained under this config and data version).
         RegistryError: that run registered no model (tracking.register_model=false).
     """
-    import mlflow
+    from mulcon.tracking import training_run
 
-    from mulcon.tracking import tracking_uri, training_run
-
-    run_id = training_run(config)
-    client = mlflow.MlflowClient(tracking_uri())
-    version = client.get_run(run_id).data.tags.get("model_version")
+    run = training_run(config)
+    version = run.data.tags.get("model_version")
     if version is None:
-        raise RegistryError(f"MLflow run {run_id} ({config.train.variant} on {config.data.dataset}) has no "
+        raise RegistryError(f"MLflow run {run.info.run_id} ({config.train.variant} on {config.data.dataset}) has no "
                             "registered model: train it first, with tracking.register_model=true")
-    return promote(f"mulcon-{config.data.dataset}", version, margin, metric, client=client)
+    return promote(f"mulcon-{config.data.dataset}", version, margin, metric)

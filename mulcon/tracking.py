@@ -97,9 +97,10 @@ def _client():
     return mlflow, mlflow.MlflowClient(uri)
 
 
-def _search(client, experiment_id: str, tags: dict[str, str]):
-    """The newest run in `experiment_id` carrying all `tags`, or None."""
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+def _search(client, experiment_id: str, tags: dict[str, str], params: dict[str, str] | None = None):
+    """The newest run in `experiment_id` carrying all `tags` (and `params`), or None."""
+    query = " and ".join([f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+                         + [f"params.`{key}` = '{value}'" for key, value in (params or {}).items()])
     found = client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
     return found[0] if found else None
 
@@ -123,22 +124,24 @@ def _keys(config: Config) -> tuple[dict[str, str], str, str]:
     return tags, run_key(config, tags["git_commit"], *parts), run_key(config, *parts)
 
 
-def training_run(config: Config) -> str:
-    """The id of the run that trained `config.train.variant`: the one of the current git commit,
-    else the newest trained from the same config and data at an earlier commit (a commit of
-    dvc.lock after `dvc repro` retrains nothing). Only reads the store.
+def training_run(config: Config):
+    """The MLflow run (with its tags) that trained `config.train.variant`: the one of the current
+    git commit, else the newest trained from the same config and data at an earlier commit (a
+    commit of dvc.lock after `dvc repro` retrains nothing). A training run has logged the config
+    as params; an evaluation or analysis alone at a later commit has not. Only reads the store.
 
     Raises:
         TrackingError: no such run (not trained under this config and data version).
     """
     _, client = _client()
     experiment = client.get_experiment_by_name(f"mulcon-{config.data.dataset}")
-    _, key, config_key = _keys(config)
-    variant = {"mulcon.kind": "variant", "variant": config.train.variant}
-    for tags in ({**variant, "mulcon.key": key}, {**variant, "mulcon.config_key": config_key}):
-        found = _search(client, experiment.experiment_id, tags) if experiment else None
-        if found is not None:
-            return found.info.run_id
+    if experiment is not None:
+        _, key, config_key = _keys(config)
+        variant = {"mulcon.kind": "variant", "variant": config.train.variant}
+        for tags in ({**variant, "mulcon.key": key}, {**variant, "mulcon.config_key": config_key}):
+            found = _search(client, experiment.experiment_id, tags, {"train.variant": config.train.variant})
+            if found is not None:
+                return found
     raise TrackingError(f"no MLflow run of {config.train.variant} on {config.data.dataset} trained under this config and "
                         f"data version in {tracking_uri()}: train it first")
 

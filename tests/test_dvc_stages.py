@@ -73,10 +73,9 @@ def test_every_stage_depends_on_the_modules_its_commands_import():
         verbs = [re.search(r"python -m mulcon (\S+)", command).group(1) for command in commands]
         deps = [str(dep) for dep in stage.get("deps", [])]
         needed = _closure([module for verb in verbs for module in VERB_MODULES[verb]])
-        uncovered = sorted(str(_file(module).relative_to(ROOT)) for module in needed
-                           if not any(str(_file(module).relative_to(ROOT)) == dep
-                                      or str(_file(module).relative_to(ROOT)).startswith(dep.rstrip("/") + "/")
-                                      for dep in deps))
+        files = sorted(str(_file(module).relative_to(ROOT)) for module in needed)
+        uncovered = [file for file in files
+                     if not any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)]
         if uncovered:
             missing[name] = uncovered
     assert missing == {}

@@ -126,12 +126,14 @@ def test_promote_trained_finds_the_run_of_an_earlier_commit_and_never_writes_a_r
     run = mlflow_client.create_run(experiment, tags=tags).info.run_id
     mlflow_client.log_metric(run, "val_mAP", 40.0, step=1)
     for key, value in {"data.dataset": "demo", "data.val_fraction": "0.2", "train.seed": "0",
-                       "train.select_on_val": "False"}.items():
+                       "train.select_on_val": "False", "train.variant": "mulcon"}.items():
         mlflow_client.log_param(run, key, value)
     mlflow_client.create_registered_model("mulcon-demo")
     version = mlflow_client.create_model_version("mulcon-demo", f"runs:/{run}/model", run_id=run).version
     mlflow_client.set_tag(run, "model_version", str(version))
+    # An evaluation logged at the current commit: the run key matches, but it trained nothing.
+    evaluated = mlflow_client.create_run(experiment, tags={**tags, "mulcon.key": _keys(config)[1]}).info.run_id
     decision = promote_trained(config)
     assert decision["promoted"] and decision["version"] == str(version)
     assert alias(mlflow_client, "mulcon-demo", CHAMPION) == str(version)
-    assert [found.info.run_id for found in mlflow_client.search_runs([experiment])] == [run]
+    assert sorted(found.info.run_id for found in mlflow_client.search_runs([experiment])) == sorted([run, evaluated])
