@@ -2,7 +2,7 @@
 
 Each component is a thin wrapper: typed inputs and outputs (Dataset, Model, Metrics artifacts), a
 body that resolves paths and calls the `python -m mulcon` verb that the matching `dvc.yaml` stage
-runs (through `mulcon.distributed.launch`, under torchrun for several GPUs) or one library
+runs (through `mulcon.launch.launch`, under torchrun for several GPUs) or one library
 function. Bodies import inside the function, as KFP lightweight components must; they run in the
 project image (`Dockerfile`), whose working directory holds `params.yaml` and this package, or,
 with `kfp.local.SubprocessRunner(use_venv=False)`, in this interpreter (`python -m pipeline run-local`).

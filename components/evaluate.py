@@ -16,7 +16,7 @@ def evaluate(data: Input[Dataset], model: Input[Model], variant: str, pipeline_r
     import json
     import os
 
-    from mulcon.distributed import launch
+    from mulcon.launch import launch
 
     params, _ = run_settings(data, pipeline_run, variant)
     launch(["evaluate", "--params", params, "-S", f"train.variant={variant}",

@@ -25,7 +25,7 @@ def prepare(dataset: str, data_revision: str, repo_url: str, dvc_remote: str, pa
 
     from components.data import fetch_dataset
     from mulcon.config import load_config, to_dict
-    from mulcon.distributed import launch
+    from mulcon.launch import launch
 
     settings = [*overrides, f"data.dataset={dataset}", f"train.pretrain_epochs={pretrain_epochs}",
                 f"train.finetune_epochs={finetune_epochs}"]

@@ -19,7 +19,7 @@ def report(data: Input[Dataset], mulcon_reports: Input[Dataset], ablation_report
     import os
     import shutil
 
-    from mulcon.distributed import launch
+    from mulcon.launch import launch
 
     params, _ = run_settings(data, pipeline_run, "mulcon")
     for reports in (mulcon_reports, *ablation_reports):  # into <evaluate.out_root>/<variant>, as DVC lays them out

@@ -12,7 +12,7 @@ from components.shared import run_settings
 def pretrain(data: Input[Dataset], pipeline_run: str, gpus: int, model: Output[Model]):
     """Step 1 of MulCon (BCE only, Adam, one-cycle) on `gpus` GPUs: `model` holds `pretrain/`
     (model.pt, history.json), as `python -m mulcon train --stage pretrain` writes it."""
-    from mulcon.distributed import launch
+    from mulcon.launch import launch
 
     params, checkpoints = run_settings(data, pipeline_run, "mulcon")
     launch(["train", "--params", params, "--stage", "pretrain", "--resume", "-S", "train.variant=mulcon",
@@ -28,7 +28,7 @@ def finetune(data: Input[Dataset], pretrained: Input[Model], pipeline_run: str, 
     import os
     import shutil
 
-    from mulcon.distributed import launch
+    from mulcon.launch import launch
 
     params, checkpoints = run_settings(data, pipeline_run, "mulcon")
     shutil.copytree(os.path.join(pretrained.path, "pretrain"), os.path.join(model.path, "pretrain"))
@@ -41,7 +41,7 @@ def finetune(data: Input[Dataset], pretrained: Input[Model], pipeline_run: str, 
 def train_variant(data: Input[Dataset], variant: str, pipeline_run: str, gpus: int, model: Output[Model]):
     """All steps of one Table 3 variant (the dvc.yaml stage `ablation@<variant>`) on `gpus` GPUs:
     `model` holds its stage folders and final `model.pt`, registered in MLflow."""
-    from mulcon.distributed import launch
+    from mulcon.launch import launch
 
     params, checkpoints = run_settings(data, pipeline_run, variant)
     launch(["train", "--params", params, "--resume", "-S", f"train.variant={variant}", "--out-dir", model.path,

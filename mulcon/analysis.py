@@ -23,7 +23,8 @@ from mulcon.config import Config
 from mulcon.data.dataset import ManifestDataset
 from mulcon.data.transforms import eval_transform
 from mulcon.errors import CheckpointError
-from mulcon.evaluate import load_model, resolve_device
+from mulcon.inference import load_model
+from mulcon.runtime import resolve_device
 from mulcon.io import atomic_path, write_json
 
 logger = logging.getLogger(__name__)

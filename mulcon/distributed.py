@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
-import sys
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -172,22 +170,3 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / dist.get_world_size()
-
-
-def launch(argv: Sequence[str], processes: int = 1) -> None:
-    """Run `python -m mulcon *argv`: in this process, or under torchrun with `processes` processes
-    on this node (one per GPU).
-
-    Raises:
-        RuntimeError: the command failed (its message is on stderr).
-    """
-    if processes <= 1:
-        from mulcon.cli import main
-
-        code = main(list(argv))
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={processes}", "-m", "mulcon", *argv]
-        code = subprocess.run(command, check=False).returncode
-    if code != 0:
-        raise RuntimeError(f"python -m mulcon {' '.join(argv)} failed with exit status {code}")

@@ -15,74 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from mulcon import checkpoint
-from mulcon.config import Config, config_from_dict
-from mulcon.data.dataset import ManifestDataset, load_classes
-from mulcon.data.transforms import eval_transform
+from mulcon.config import Config
+from mulcon.data.dataset import load_classes
 from mulcon.errors import CheckpointError
+from mulcon.inference import eval_loader, load_model, predict_scores
 from mulcon.io import atomic_path, write_json, write_text
 from mulcon.metrics import average_precision, multilabel_metrics
-from mulcon.model import build_model
+from mulcon.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
 PR_THRESHOLDS = np.linspace(0.0, 1.0, 101)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA; CPU always computes in fp32 (deterministic, and fast enough)."""
-    enabled = device.type == "cuda" and precision != "fp32"
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
-def eval_loader(config: Config, split: str, batch_size: int) -> DataLoader:
-    dataset = ManifestDataset(config.data.prepared_dir, split, eval_transform(config.data.image_size),
-                              image_size=config.data.cache_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=config.data.num_workers,
-                      pin_memory=torch.cuda.is_available())
-
-
-@torch.no_grad()
-def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device,
-                   precision: str = "fp32", progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid scores and targets of every image of `loader`, in its order.
-
-    Returns:
-        scores (N, L) float32 probabilities, targets (N, L) float32 in {0, 1}.
-    """
-    was_training = model.training
-    model.eval()
-    scores, targets = [], []
-    for images, target in tqdm(loader, desc=progress, disable=progress is None, leave=False):
-        with autocast(device, precision):
-            logits = model(images.to(device, non_blocking=True), need_projections=False).logits
-        scores.append(torch.sigmoid(logits.float()).cpu())
-        targets.append(target)
-    model.train(was_training)
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network saved by training (`model.pt`) and return it with its metadata."""
-    state = checkpoint.load(path)
-    if "model" not in state or "config" not in state:
-        raise CheckpointError(f"{path}: not a mulcon model file (no model weights or config)")
-    config = config_from_dict(state["config"], ["model.pretrained=false"])
-    model = build_model(config.model, len(state["classes"]), state["label_level"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
 
 
 def pr_curve_rows(scores: np.ndarray, targets: np.ndarray, classes: list[str]) -> list[tuple]:

@@ -18,6 +18,8 @@ from typing import Any
 
 from mulcon.config import Config
 from mulcon.errors import MulconError
+from mulcon.mlflow_client import connect
+from mulcon.tracking import training_run
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +107,7 @@ def promote(model_name: str, version: str | int, margin: float = 0.0, metric: st
         RegistryError: a run without `metric`.
     """
     if client is None:
-        import mlflow
-
-        from mulcon.tracking import tracking_uri
-
-        client = mlflow.MlflowClient(tracking_uri())
+        _, client = connect()
     version = str(version)
     challenger = client.get_model_version(model_name, version)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
@@ -133,8 +131,6 @@ def promote_trained(config: Config, margin: float = 0.0, metric: str = "val_mAP"
         TrackingError: no such run (not trained under this config and data version).
         RegistryError: that run registered no model (tracking.register_model=false).
     """
-    from mulcon.tracking import training_run
-
     run = training_run(config)
     version = run.data.tags.get("model_version")
     if version is None:

@@ -22,7 +22,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from mulcon.data.transforms import eval_transform
 from mulcon.errors import MulconError
+from mulcon.inference import load_model
+from mulcon.mlflow_client import connect
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -67,16 +70,9 @@ def load_scorer(model: str | Path) -> Scorer:
     """A Scorer from a training model file (`runs/<variant>/model.pt`) or an MLflow model URI
     (`models:/mulcon-demo@champion`, `models:/mulcon-demo/3`, `runs:/<id>/model`)."""
     if Path(model).is_file():
-        from mulcon.evaluate import load_model
-
         network, state = load_model(model)
         return Scorer(network, state["classes"], state["config"]["data"]["image_size"]).eval()
-    import mlflow
-
-    from mulcon.tracking import check_server, tracking_uri
-
-    check_server(tracking_uri())
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow, _ = connect()
     try:
         return mlflow.pytorch.load_model(str(model), map_location="cpu").eval()
     except Exception as error:  # MLflow raises several types for an unknown model or URI
@@ -91,8 +87,6 @@ class ImageClassifier:
     """The pyfunc model: images in, label names and scores (those >= threshold) out."""
 
     def __init__(self, scorer: Scorer, batch_size: int = 32):
-        from mulcon.data.transforms import eval_transform
-
         self.scorer = scorer.eval()
         self.transform = eval_transform(scorer.image_size)
         self.batch_size = batch_size

@@ -1,7 +1,6 @@
-"""MLflow tracking: the one module of the library that talks to MLflow.
+"""MLflow tracking of training, evaluation, analysis and report (through `mulcon.mlflow_client`).
 
-The tracking URI comes from `MLFLOW_TRACKING_URI`, default `sqlite:///mlflow.db` in the working
-directory. A training run of a variant is found again by a key (the resolved config without the
+A training run of a variant is found again by a key (the resolved config without the
 variant, the git commit and the data version), so the pretrain and finetune stages, a resumed run
 and the evaluation all log into one MLflow run; the variants of one ablation are nested runs of
 one parent run with the same key.
@@ -16,46 +15,23 @@ import json
 import logging
 import os
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
 
+from mulcon import distributed
 from mulcon.config import RESULT_INDEPENDENT, Config, to_dict, to_flat_dict
-from mulcon.errors import MulconError
+from mulcon.inference import load_model
+from mulcon.mlflow_client import TrackingError, connect, tracking_uri
+from mulcon.serving import Scorer, log_model
+from mulcon.variants import plan_variant
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Set by the Kubeflow components (components/): the pipeline run, which then gets runs of its own;
 # the md5 of the data fetched at a git revision; the commit the image was built from (no .git in it).
 PIPELINE_RUN_ENV, DATA_VERSION_ENV, GIT_COMMIT_ENV = "MULCON_PIPELINE_RUN", "MULCON_DATA_VERSION", "MULCON_GIT_COMMIT"
-
-
-class TrackingError(MulconError):
-    """The tracking server cannot be reached, or refused a request."""
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail within `timeout` seconds, with a clear message, when an HTTP tracking server is down.
-
-    MLflow's own client retries for minutes before it gives up; this asks `/health` once.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            response.read()
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
-                            f"MLFLOW_TRACKING_URI to log to {DEFAULT_TRACKING_URI}") from None
 
 
 def git_state(root: str | Path = ".") -> dict[str, str]:
@@ -86,15 +62,6 @@ def run_key(config: Config, *parts: str) -> str:
     values = {k: v for k, v in to_flat_dict(config).items() if k not in RESULT_INDEPENDENT and k != "train.variant"}
     text = json.dumps(values, sort_keys=True, default=str) + "|".join(parts)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def _client():
-    import mlflow
-
-    uri = tracking_uri()
-    check_server(uri)
-    mlflow.set_tracking_uri(uri)
-    return mlflow, mlflow.MlflowClient(uri)
 
 
 def _search(client, experiment_id: str, tags: dict[str, str], params: dict[str, str] | None = None):
@@ -133,7 +100,7 @@ def training_run(config: Config):
     Raises:
         TrackingError: no such run (not trained under this config and data version).
     """
-    _, client = _client()
+    _, client = connect()
     experiment = client.get_experiment_by_name(f"mulcon-{config.data.dataset}")
     if experiment is not None:
         _, key, config_key = _keys(config)
@@ -151,7 +118,7 @@ class Tracker:
 
     def __init__(self, config: Config, stage: str):
         self.config, self.stage = config, stage
-        self.mlflow, self.client = _client()
+        self.mlflow, self.client = connect()
         experiment = f"mulcon-{config.data.dataset}"
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
@@ -200,8 +167,6 @@ class Tracker:
         Returns:
             The registered model version.
         """
-        from mulcon.serving import Scorer, log_model
-
         name = f"mulcon-{self.config.data.dataset}"
         info = log_model(Scorer(network.cpu().eval(), classes, image_size), name="model", registered_model_name=name,
                          metadata={"classes": classes, "variant": self.config.train.variant})
@@ -211,8 +176,6 @@ class Tracker:
 
 def epoch_offsets(config: Config) -> dict[str, int]:
     """Epochs run before each stage of the variant's plan: MLflow steps count across stages."""
-    from mulcon.variants import plan_variant
-
     offsets, total = {}, 0
     for step in plan_variant(config.train).steps:
         offsets[step.stage], total = total, total + step.epochs
@@ -227,10 +190,6 @@ def track_training(config: Config, stage: str, train: Callable[[Callable], Path]
         stage: the CLI's --stage ("all", "pretrain" or "finetune").
         train: runs the training with the epoch callback it is given; returns the final model path.
     """
-    from mulcon import checkpoint, distributed
-    from mulcon.evaluate import load_model
-    from mulcon.variants import plan_variant
-
     if not distributed.is_main():  # under torchrun the other processes train and rank 0 logs
         return train(None)
     tracker = Tracker(config, stage)

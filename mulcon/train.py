@@ -6,8 +6,9 @@ record per epoch) and, once the stage is done, `model.pt`; the variant's final m
 `<out_dir>/model.pt`. Resume state lives apart, in `<checkpoint_dir>/<stage>/checkpoint.pt`
 (written atomically every epoch), so a pipeline tool that clears a stage's outputs before running
 it again does not lose it. A killed run continues from its last checkpoint with `resume=True` and,
-on CPU, ends with the weights of an uninterrupted run. A checkpoint or finished stage made under a
-different config is not resumed: the stage starts over.
+on CPU, ends with the weights of an uninterrupted run. Checkpoints and stage models record the
+resolved config and the fingerprint of the training code (`mulcon.fingerprint`); one made under
+another config or other code is neither resumed nor skipped: the stage starts over, and says why.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from mulcon.data.dataset import ManifestDataset, load_classes
 from mulcon.data.sampling import EpochSampler, SeededDataset
 from mulcon.data.transforms import train_transform
 from mulcon.errors import CheckpointError, ConfigError, TrainingError
-from mulcon.evaluate import autocast, eval_loader, predict_scores, resolve_device
+from mulcon.fingerprint import code_changes, code_fingerprint
+from mulcon.inference import eval_loader, predict_scores
+from mulcon.runtime import autocast, resolve_device
 from mulcon.io import atomic_path, write_json
 from mulcon.losses import asymmetric_loss, bce_loss, image_contrastive_loss, label_contrastive_loss
 from mulcon.metrics import multilabel_metrics
@@ -140,7 +143,7 @@ def _validate(model: nn.Module, val: DataLoader | None, device: torch.device, co
 def _model_file(model: nn.Module, config: Config, plan: Plan, step: Step, classes: list[str],
                 epoch: int, selected_on: str, val: dict[str, float]) -> dict[str, Any]:
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}  # a snapshot
-    return {"model": weights, "config": to_dict(config), "classes": classes,
+    return {"model": weights, "config": to_dict(config), "code": code_fingerprint("train"), "classes": classes,
             "label_level": plan.label_level, "variant": plan.variant, "stage": step.stage,
             "epoch": epoch, "selected_on": selected_on, "val": val}
 
@@ -163,6 +166,7 @@ class StageRun:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "epoch": epoch, "rng": checkpoint.rng_states(),
                 "history": self.history, "best": self.best, "config": to_dict(self.config),
+                "code": code_fingerprint("train"),
                 "variant": self.plan.variant, "stage": self.step.stage, "num_labels": self.num_labels}
 
     def restore(self, state: dict[str, Any], path: Path) -> int:
@@ -198,6 +202,17 @@ def same_result_config(saved: dict[str, Any], config: Config, stage: str) -> boo
     return relevant(saved_config) == relevant(config)
 
 
+def stale_reason(state: dict[str, Any], config: Config, stage: str) -> str | None:
+    """Why a checkpoint or stage model of `stage` cannot stand for a run of `config` under the code
+    installed now (another config, or changed training code), or None when it can."""
+    if not same_result_config(state.get("config", {}), config, stage):
+        return "another config"
+    changed = code_changes(state.get("code"), code_fingerprint("train"))
+    if changed:
+        return f"other code ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed)"
+    return None
+
+
 def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_dir: Path, *, resume: bool,
                 device: torch.device, classes: list[str], checkpoint_dir: Path,
                 callback: EpochCallback | None = None) -> dict[str, Any]:
@@ -214,11 +229,14 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
     path, start = checkpoint_dir / "checkpoint.pt", 0
     if resume and path.exists():
         state = checkpoint.load(path)
-        if same_result_config(state["config"], config, step.stage):
+        reason = stale_reason(state, config, step.stage)
+        if reason is None:
             start = run.restore(state, path)
             logger.info("resuming %s/%s from epoch %d", plan.variant, step.stage, start)
+            if distributed.is_main():  # the stage's outputs may have been cleared (dvc repro does)
+                write_json(out_dir / "history.json", run.history)
         else:
-            logger.warning("%s was made under another config: %s/%s starts over", path, plan.variant, step.stage)
+            logger.warning("%s was made under %s: %s/%s starts over", path, reason, plan.variant, step.stage)
     # DDP starts every process from rank 0's weights; a BCE-only step leaves the projector idle.
     network = distributed.wrap(model, device, find_unused_parameters=step.contrastive is None)
     if config.train.compile:  # the forward only: `model` keeps its parameters and state-dict keys
@@ -316,8 +334,13 @@ def _run_plan(config: Config, device: torch.device, *, out_dir: str | Path | Non
 
 
 def _finished(path: Path, config: Config, stage: str) -> bool:
-    """A stage's model file exists and was trained under a config with the same results."""
-    return path.exists() and same_result_config(checkpoint.load(path)["config"], config, stage)
+    """A stage's model file exists and was trained under the same config and training code."""
+    if not path.exists():
+        return False
+    reason = stale_reason(checkpoint.load(path), config, stage)
+    if reason is not None:
+        logger.info("%s was made under %s: training the stage again", path, reason)
+    return reason is None
 
 
 def _load_stage(path: Path, model: nn.Module, num_labels: int) -> dict[str, Any]:

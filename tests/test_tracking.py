@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mulcon import checkpoint
-from mulcon.evaluate import eval_loader, load_model
+from mulcon.inference import eval_loader, load_model
 from mulcon.config import load_config
 from tests.conftest import BIN, ROOT, dvc, free_port, make_bucket, make_repo, stop, wait_for
 

@@ -1,13 +1,22 @@
-"""Data: dataset readers (COCO-2014, NUS-WIDE, synthetic demo), the prepare stage, manifests, transforms."""
+"""Data: dataset readers (COCO-2014, NUS-WIDE, synthetic demo), the prepare stage, manifests, transforms.
 
-from mulcon.data.coco import read_coco, read_coco_dataset
-from mulcon.data.dataset import ManifestDataset, load_classes, read_manifest
-from mulcon.data.demo import make_demo
-from mulcon.data.nuswide import read_nuswide
-from mulcon.data.prepare import DATASETS, prepare
-from mulcon.data.transforms import eval_transform, train_transform
+The names below are loaded on first use (PEP 562), so importing one submodule (the training
+loader, say) does not import the readers: a stage depends only on the files it runs.
+"""
 
-__all__ = [
-    "DATASETS", "ManifestDataset", "eval_transform", "load_classes", "make_demo", "prepare",
-    "read_coco", "read_coco_dataset", "read_manifest", "read_nuswide", "train_transform",
-]
+import importlib
+
+_EXPORTS = {
+    "DATASETS": "prepare", "prepare": "prepare", "ManifestDataset": "dataset",
+    "eval_transform": "transforms", "train_transform": "transforms", "load_classes": "manifest",
+    "read_manifest": "manifest", "make_demo": "demo", "read_coco": "coco", "read_coco_dataset": "coco",
+    "read_nuswide": "nuswide",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mulcon.data.manifest import SPLITS, read_info, read_manifest
 from mulcon.data.staging import staged_directory
 from mulcon.data.transforms import resize
 from mulcon.errors import DataError
@@ -104,15 +105,9 @@ def build_cache(prepared_dir: str | os.PathLike, image_size: int, image_root: st
         DataError: missing manifests, or too little free disk space (checked before writing).
         The cache folder is written all or nothing: an interrupted build leaves the previous one.
     """
-    from mulcon.data.dataset import SPLITS, read_manifest  # dataset.py imports this module
-
     prepared_dir = Path(prepared_dir)
     if image_root is None:
-        info_path = prepared_dir / "info.json"
-        info = read_json(info_path, missing=f"{info_path} not found: run the prepare stage first")
-        if not isinstance(info, dict) or "image_root" not in info:
-            raise DataError(f"{info_path}: key 'image_root' is missing")
-        image_root = info["image_root"]
+        image_root = read_info(prepared_dir)["image_root"]
     manifests = {split: read_manifest(prepared_dir, split)[0] for split in SPLITS}
     needed = sum(len(paths) for paths in manifests.values()) * 3 * image_size ** 2
     target = cache_dir(prepared_dir, image_size)
