@@ -34,7 +34,7 @@ def make_demo(config: Config, args: argparse.Namespace) -> None:
 
 
 def prepare(config: Config, args: argparse.Namespace) -> None:
-    from mulcon.data.prepare import prepare as run
+    from mulcon.data.preparation import prepare as run
 
     report = run(config.data.dataset, config.data.raw_dir, config.data.prepared_dir,
                  val_fraction=config.data.val_fraction, seed=config.train.seed)

@@ -22,7 +22,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the 
 
 # The library module each result-producing CLI verb runs (the CLI itself only dispatches).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "prepare": ("mulcon.data.prepare", "mulcon.data.cache"),
+    "prepare": ("mulcon.data.preparation", "mulcon.data.cache"),
     "train": ("mulcon.train",),
     "evaluate": ("mulcon.evaluate",),
     "report": ("mulcon.report",),

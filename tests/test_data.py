@@ -21,7 +21,7 @@ from mulcon.data import demo as demo_module
 from mulcon.errors import ConfigError, DataError
 
 SIZE = 64
-prepare_module = importlib.import_module("mulcon.data.prepare")  # the package's `prepare` is the function
+prepare_module = importlib.import_module("mulcon.data.preparation")
 
 
 @pytest.fixture(scope="module")

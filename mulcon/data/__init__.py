@@ -7,7 +7,7 @@ loader, say) does not import the readers: a stage depends only on the files it r
 import importlib
 
 _EXPORTS = {
-    "DATASETS": "prepare", "prepare": "prepare", "ManifestDataset": "dataset",
+    "DATASETS": "preparation", "prepare": "preparation", "ManifestDataset": "dataset",
     "eval_transform": "transforms", "train_transform": "transforms", "load_classes": "manifest",
     "read_manifest": "manifest", "make_demo": "demo", "read_coco": "coco", "read_coco_dataset": "coco",
     "read_nuswide": "nuswide",
