@@ -62,8 +62,6 @@ def http_problem(host: str, status: int, reason: str, body: bytes | str | None, 
         which = f"${token_env} is not set" if not token else f"the token in ${token_env} was refused"
         return (f"{answered}{detail}; {which}: set {token_env} to a bearer token with access to the namespace "
                 "(--token-env names another variable)")
-    if status == 404 and detail == "":
-        return f"{answered} for {HEALTHZ}: not a Kubeflow Pipelines v2 API; check --host or KF_PIPELINES_ENDPOINT"
     return f"{answered}{detail}"
 
 
@@ -98,6 +96,9 @@ def check_endpoint(host: str, token: str | None, token_env: str, timeout: float 
         with opener.open(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as error:
+        if error.code == 404:
+            raise PipelineError(f"{host}{HEALTHZ} answered 404 Not Found: not a Kubeflow Pipelines v2 API; check "
+                                "--host or KF_PIPELINES_ENDPOINT") from None
         raise PipelineError(http_problem(host, error.code, error.reason, error.read(), token_env, token)) from None
     except urllib.error.URLError as error:
         raise PipelineError(network_problem(host, error.reason, timeout)) from None

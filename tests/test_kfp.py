@@ -304,7 +304,10 @@ def test_unreachable_refusing_and_unauthorized_endpoints_name_the_host_within_10
         f"error: the Kubeflow Pipelines API at {host} answered 403 Forbidden: RBAC: access denied; $KFP_TOKEN")
     KubeflowApi.errors = {"/apis/v2beta1/healthz": (200, "<html>Log in</html>")}
     assert "did not answer as the Kubeflow Pipelines API (a login page?)" in timed("submit", "--host", host)
-    assert [path for _, path, _, _ in requests] == ["/apis/v2beta1/healthz"] * 4  # nothing else was sent
+    KubeflowApi.errors = {"/apis/v2beta1/healthz": (404, "")}
+    assert timed("submit", "--host", host) == (f"error: {host}/apis/v2beta1/healthz answered 404 Not Found: not a "
+                                               "Kubeflow Pipelines v2 API; check --host or KF_PIPELINES_ENDPOINT")
+    assert [path for _, path, _, _ in requests] == ["/apis/v2beta1/healthz"] * 5  # nothing else was sent
     KubeflowApi.errors, KubeflowApi.slow = {}, {"/apis/v2beta1/runs": 3}  # up, then silent on the run itself
     assert timed("submit", "--host", host, "--timeout", "1").startswith(
         f"error: no answer from the Kubeflow Pipelines API at {host} within 1 s; ")
