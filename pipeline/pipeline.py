@@ -118,11 +118,11 @@ def build_pipeline(image: str = IMAGE, parallelism: int = 4, multinode: bool = F
             workspace_pvc: a ReadWriteMany volume claim for the job's data, checkpoints and model (multi-node only).
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        data = _common(prepare(dataset=dataset, data_revision=data_revision, repo_url=repo_url, dvc_remote=dvc_remote,
-                               params_file=params_file, overrides=overrides, pretrain_epochs=pretrain_epochs,
-                               finetune_epochs=finetune_epochs), image)
+        prepared = _common(prepare(dataset=dataset, data_revision=data_revision, repo_url=repo_url,
+                                   dvc_remote=dvc_remote, params_file=params_file, overrides=overrides,
+                                   pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs), image)
         # Not cached: a revision may be a branch, whose data changes under the same argument.
-        data = data.set_caching_options(False).outputs["data"]
+        data = prepared.set_caching_options(False).outputs["data"]
         if multinode:
             trained = train_multinode(data=data, pipeline_run=run_id, image=image, nodes=nodes, gpus=gpus,
                                       workspace_pvc=workspace_pvc)
@@ -134,7 +134,7 @@ def build_pipeline(image: str = IMAGE, parallelism: int = 4, multinode: bool = F
                                 image, gpus)
         _after_training(data, trained.outputs["model"], trained, image, parallelism, run_id, gpus, promote_margin)
 
-    if not multinode:
+    if not multinode:  # kfp takes the parameters from the signature: leave out the multi-node ones
         signature = inspect.signature(mulcon_pipeline)
         mulcon_pipeline.__signature__ = signature.replace(parameters=[
             parameter for name, parameter in signature.parameters.items() if name not in MULTINODE_PARAMETERS])
