@@ -21,3 +21,10 @@ import os
 
 # The project image; `python -m pipeline compile --image ...` (or $MULCON_IMAGE) sets another.
 IMAGE = os.environ.get("MULCON_IMAGE", "ghcr.io/mulcon/mulcon:0.1.0")
+# The Kubernetes secrets every task (and every pod of a PyTorchJob) gets as environment variables:
+# secret name -> (keys it must hold, keys it may hold). Credentials never travel as parameters.
+SECRETS = {
+    "mulcon-s3": (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")),
+    "mulcon-mlflow": (("MLFLOW_TRACKING_URI",),
+                      ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")),
+}

@@ -19,12 +19,9 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components import IMAGE
+from components import IMAGE, SECRETS
 
 WORKSPACE = "/workspace"  # where the launcher task and the job's pods mount the volume
-SECRET_ENV = {"mulcon-s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"),
-              "mulcon-mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                                "MLFLOW_TRACKING_TOKEN")}
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -32,10 +29,10 @@ def pytorchjob_manifest(name: str, namespace: str, image: str, nodes: int, gpus_
                         workspace_pvc: str, env: dict[str, str]) -> dict[str, Any]:
     """A kubeflow.org/v1 PyTorchJob: one Master and `nodes - 1` Workers, each with `gpus_per_node`
     GPUs, the volume at /workspace, shared memory for DataLoader workers, and the S3 and MLflow
-    secrets (SECRET_ENV, each key optional) as environment variables."""
+    secrets (components.SECRETS, each key optional) as environment variables."""
     variables = [{"name": key, "value": value} for key, value in env.items()]
     variables += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
-                  for secret, keys in SECRET_ENV.items() for key in keys]
+                  for secret, (required, optional) in SECRETS.items() for key in (*required, *optional)]
     pod = {
         "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
         "spec": {
@@ -102,6 +99,8 @@ def run_pytorchjob(manifest: dict[str, Any], poll_seconds: float = 30.0) -> None
 def train_on_nodes(data_path: str, data_version: str, model_path: str, *, pipeline_run: str, image: str, nodes: int,
                    gpus_per_node: int, workspace_pvc: str) -> None:
     """Stage the data, run MulCon's whole plan as a PyTorchJob, copy its output to `model_path`."""
+    from mulcon.tracking import DATA_VERSION_ENV, PIPELINE_RUN_ENV
+
     workspace = Path(WORKSPACE) / pipeline_run
     overrides = stage_data(data_path, workspace)
     command = ["python", "-m", "torch.distributed.run", f"--nproc_per_node={gpus_per_node}", "-m", "mulcon", "train",
@@ -109,7 +108,7 @@ def train_on_nodes(data_path: str, data_version: str, model_path: str, *, pipeli
                *[part for override in overrides for part in ("-S", override)],
                "--out-dir", str(workspace / "model"), "--checkpoint-dir", str(workspace / "checkpoints")]
     namespace = Path(NAMESPACE_FILE).read_text().strip()
-    env = {"MULCON_PIPELINE_RUN": pipeline_run, "MULCON_DATA_VERSION": data_version}
+    env = {PIPELINE_RUN_ENV: pipeline_run, DATA_VERSION_ENV: data_version}
     manifest = pytorchjob_manifest(f"mulcon-{pipeline_run[:40]}".lower(), namespace, image, nodes, gpus_per_node,
                                    command, workspace_pvc, env)
     run_pytorchjob(manifest)

@@ -11,8 +11,9 @@ def run_settings(data, pipeline_run: str, variant: str) -> tuple:
     import os
 
     from mulcon.config import load_config
+    from mulcon.tracking import DATA_VERSION_ENV, PIPELINE_RUN_ENV
 
-    os.environ["MULCON_PIPELINE_RUN"] = pipeline_run
-    os.environ["MULCON_DATA_VERSION"] = data.metadata.get("data_version", "")
+    os.environ[PIPELINE_RUN_ENV] = pipeline_run
+    os.environ[DATA_VERSION_ENV] = data.metadata.get("data_version", "")
     params = os.path.join(data.path, "params.yaml")
     return params, os.path.join(load_config(params).train.checkpoint_root, pipeline_run, variant)

@@ -9,17 +9,24 @@ submit and schedule read a bearer token from the environment variable named by -
 (default KFP_TOKEN; none for a port-forwarded API). run-local runs every component in this
 interpreter (kfp.local.SubprocessRunner(use_venv=False)) on the working directory's data, with
 MLflow at $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db), outputs under --pipeline-root.
+
+Every mistake and every failure of the API prints one line and exits 2, and is found before
+anything is sent (pipeline.checks, pipeline.connection).
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Iterator
 
-import yaml
+from mulcon.errors import MulconError
+from pipeline.checks import PipelineError, output_file, parse_arguments, pipeline_inputs, read_package
+from pipeline.connection import DEFAULT_TIMEOUT, api_errors, check_host, connect
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo pipeline shrunk to seconds per step (the tests run it so): 32 px, tiny heads, 1 + 1 epochs.
@@ -29,78 +36,74 @@ TINY = ["data.image_size=32", "data.num_workers=0", "data.val_fraction=0.2", "mo
         "demo.image_size=48"]
 
 
-def _arguments(pairs: list[str]) -> dict:
-    """`-p name=value` pairs as pipeline arguments (values parsed as YAML: 4, 0.5, [a=1])."""
-    arguments = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"error: pipeline argument {pair!r} is not name=value")
-        arguments[name] = yaml.safe_load(value) if value else ""
-    return arguments
-
-
-def _compile(args: argparse.Namespace, output: str) -> str:
+def _compile(args: argparse.Namespace, output: str | Path) -> Path:
+    """Compile the pipeline into `output`, written whole or not at all."""
     from kfp import compiler
 
     from components import IMAGE
+    from mulcon.io import write_text
     from pipeline.pipeline import build_pipeline
 
-    compiler.Compiler().compile(build_pipeline(args.image or IMAGE, args.parallelism, args.multinode), output)
-    return output
-
-
-def _client(args: argparse.Namespace):
-    import kfp
-
-    token = os.environ.get(args.token_env) or None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # "only works with Kubeflow Pipeline v2.0.0-beta.2 and later"
-        return kfp.Client(host=args.host, existing_token=token, namespace=args.namespace)
-
-
-def _package(args: argparse.Namespace, folder: str) -> str:
-    return args.package or _compile(args, os.path.join(folder, "mulcon-pipeline.yaml"))
+    with tempfile.TemporaryDirectory() as folder:
+        compiled = os.path.join(folder, "mulcon-pipeline.yaml")
+        compiler.Compiler().compile(build_pipeline(args.image or IMAGE, args.parallelism, args.multinode), compiled)
+        write_text(output, Path(compiled).read_text(encoding="utf-8"))
+    return Path(output)
 
 
 def compile_command(args: argparse.Namespace) -> None:
-    print(_compile(args, args.output))
+    print(_compile(args, output_file(args.output)))
+
+
+@contextlib.contextmanager
+def _kubeflow(args: argparse.Namespace) -> Iterator[tuple]:
+    """(client, package, arguments) for submit and schedule, after every check: the host, the
+    package (--package, or compiled now), the arguments against its inputs, then the endpoint.
+    An error answer of the API inside the block becomes one line (a PipelineError)."""
+    if not args.host:
+        raise PipelineError("give --host (or set KF_PIPELINES_ENDPOINT), e.g. --host http://localhost:8080")
+    host = check_host(args.host)
+    with tempfile.TemporaryDirectory() as folder:
+        package = args.package or _compile(args, os.path.join(folder, "mulcon-pipeline.yaml"))
+        arguments = parse_arguments(args.param, pipeline_inputs(read_package(package)), args.multinode)
+        token = os.environ.get(args.token_env) or None
+        client = connect(host, args.namespace, args.token_env, token, args.timeout)
+        with api_errors(host, args.token_env, token, args.timeout):
+            yield client, str(package), arguments
 
 
 def submit_command(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        result = _client(args).create_run_from_pipeline_package(
-            _package(args, folder), arguments=_arguments(args.param), run_name=args.run_name,
-            experiment_name=args.experiment, namespace=args.namespace)
+    with _kubeflow(args) as (client, package, arguments):
+        result = client.create_run_from_pipeline_package(
+            package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
+            namespace=args.namespace)
     print(f"run {result.run_id}")
 
 
 def schedule_command(args: argparse.Namespace) -> None:
     if len(args.cron.split()) != 6:
-        raise SystemExit(f"error: --cron {args.cron!r}: Kubeflow wants 6 fields, seconds first "
-                         "(second minute hour day-of-month month day-of-week), e.g. '0 0 3 * * *'")
-    client = _client(args)
-    experiment = client.create_experiment(args.experiment, namespace=args.namespace)  # gets it when it exists
-    with tempfile.TemporaryDirectory() as folder:
+        raise PipelineError(f"--cron {args.cron!r}: Kubeflow wants 6 fields, seconds first "
+                            "(second minute hour day-of-month month day-of-week), e.g. '0 0 3 * * *'")
+    with _kubeflow(args) as (client, package, arguments):
+        experiment = client.create_experiment(args.experiment, namespace=args.namespace)  # gets it when it exists
         job = client.create_recurring_run(
-            experiment.experiment_id, args.name, cron_expression=args.cron, pipeline_package_path=_package(args, folder),
-            params=_arguments(args.param), max_concurrency=1, no_catchup=True, enable_caching=False)
+            experiment.experiment_id, args.name, cron_expression=args.cron, pipeline_package_path=package,
+            params=arguments, max_concurrency=1, no_catchup=True, enable_caching=False)
     print(f"recurring run {job.recurring_run_id} ({args.cron})")
 
 
 def run_local_command(args: argparse.Namespace) -> None:
+    from google.protobuf import json_format
     from kfp import local
 
     from mulcon.config import load_config
     from mulcon.data.demo import make_demo
-    from mulcon.errors import MulconError
     from pipeline.pipeline import build_pipeline
 
     overrides = [*(TINY if args.tiny else []), *args.overrides]
-    try:
-        config = load_config(args.params, overrides)
-    except MulconError as error:
-        raise SystemExit(f"error: {error}") from None
+    config = load_config(args.params, overrides)
+    mulcon_pipeline = build_pipeline(parallelism=1, params=args.params)
+    given = parse_arguments(args.param, pipeline_inputs(json_format.MessageToDict(mulcon_pipeline.pipeline_spec)))
     raw = config.data.raw_dir
     if config.data.dataset == "demo" and not raw.is_dir():
         make_demo(raw, num_train=config.demo.num_train, num_val=config.demo.num_val,
@@ -111,11 +114,19 @@ def run_local_command(args: argparse.Namespace) -> None:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=args.pipeline_root)
     arguments = {"dataset": config.data.dataset, "pretrain_epochs": config.train.pretrain_epochs,
                  "finetune_epochs": config.train.finetune_epochs, "gpus": 1, "params_file": str(Path(args.params).resolve()),
-                 "overrides": overrides, **_arguments(args.param)}
-    build_pipeline(parallelism=1)(**arguments)
+                 "overrides": overrides, **given}
+    mulcon_pipeline(**arguments)
     tables = sorted(Path(args.pipeline_root).glob("mulcon-*/report/ablation"), key=os.path.getmtime)
     if tables:
         print(tables[-1].read_text(), end="")
+
+
+def seconds(text: str) -> float:
+    """A --timeout: a number of seconds above 0 (argparse reports anything else)."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--namespace", default="kubeflow", help="the profile namespace of a multi-user cluster")
         command.add_argument("--experiment", default="mulcon")
         command.add_argument("--package", help="a compiled pipeline YAML (default: compile now)")
+        command.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT,
+                             help=f"seconds to wait for each answer of the API (default: {DEFAULT_TIMEOUT:g})")
         command.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                              help="a pipeline argument, e.g. -p data_revision=v1.2 -p gpus=4 (repeatable)")
         if sub == "submit":
@@ -160,11 +173,14 @@ COMMANDS = {"compile": compile_command, "submit": submit_command, "schedule": sc
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input, or an API that cannot take the request, prints one line and gives 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.command in ("submit", "schedule") and not args.host:
-        raise SystemExit("error: give --host (or set KF_PIPELINES_ENDPOINT)")
-    COMMANDS[args.command](args)
+    try:
+        COMMANDS[args.command](args)
+    except MulconError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -60,6 +62,30 @@ def test_compiled_training_tasks_request_gpus_and_get_secrets(tmp_path):
     assert not [name for name in parameters if any(word in name for word in ("secret", "token", "password", "key"))]
 
 
+def compiled_inputs(**options) -> dict:
+    from google.protobuf import json_format
+
+    from pipeline.pipeline import build_pipeline
+
+    spec = json_format.MessageToDict(build_pipeline(IMAGE, **options).pipeline_spec)
+    return spec["root"]["inputDefinitions"]["parameters"]
+
+
+def test_pipeline_defaults_are_those_of_params_yaml_in_both_pipelines(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    expected = {"dataset": params["data"]["dataset"], "pretrain_epochs": params["train"]["pretrain_epochs"],
+                "finetune_epochs": params["train"]["finetune_epochs"]}
+    single, multi = compiled_inputs(), compiled_inputs(multinode=True)
+    for inputs in (single, multi):
+        assert {name: inputs[name]["defaultValue"] for name in expected} == expected
+    assert set(multi) - set(single) == {"nodes", "workspace_pvc"} and set(single) < set(multi)
+    assert {name: single[name] for name in single} == {name: multi[name] for name in single}
+    params["data"]["dataset"], params["train"]["pretrain_epochs"], params["train"]["finetune_epochs"] = "coco2014", 7, 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    other = compiled_inputs(params=tmp_path / "params.yaml")
+    assert [other[name]["defaultValue"] for name in expected] == ["coco2014", 7, 2]
+
+
 def test_multinode_pipeline_launches_a_pytorchjob(tmp_path):
     spec, kubernetes = compile_pipeline(tmp_path, "--multinode")
     assert {"nodes", "workspace_pvc"} <= set(spec["root"]["inputDefinitions"]["parameters"])
@@ -79,29 +105,59 @@ def test_multinode_pipeline_launches_a_pytorchjob(tmp_path):
 
 
 class KubeflowApi(BaseHTTPRequestHandler):
-    """Answers the few Kubeflow Pipelines v2beta1 calls that submit and schedule make; records them."""
+    """Answers the few Kubeflow Pipelines v2beta1 calls that submit and schedule make; records them.
+
+    `token`: the only bearer token it takes (None: any, or none); `errors`: path -> (status, body)
+    it answers instead; `slow`: path -> seconds it waits before answering; a second recurring run of
+    one name gets the API's error answer.
+    """
 
     requests: list = []
+    token: str | None = None
+    errors: dict = {}
+    slow: dict = {}
+    recurring_names: set = set()
 
-    def _answer(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+    def _answer(self, body, status: int = 200) -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
+    def _refused(self, path: str) -> bool:
+        """Answer an error instead when the token is not the one it takes or the path is in `errors`."""
+        time.sleep(self.slow.get(path, 0))
+        if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
+            self._answer({"error": "Unauthorized", "code": 16, "message": "Unauthorized"}, 401)
+        elif path in self.errors:
+            self._answer(*reversed(self.errors[path]))
+        else:
+            return False
+        return True
+
     def do_GET(self):
-        self.requests.append(("GET", self.path, self.headers.get("Authorization"), None))
-        self._answer({"multi_user": False} if "healthz" in self.path else {"experiments": []})
+        path = self.path.split("?")[0]
+        self.requests.append(("GET", path, self.headers.get("Authorization"), None))
+        if not self._refused(path):
+            self._answer({"multi_user": False} if "healthz" in path else {"experiments": []})
 
     def do_POST(self):
+        path = self.path.split("?")[0]
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-        self.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
+        self.requests.append(("POST", path, self.headers.get("Authorization"), body))
+        if self._refused(path):
+            return
+        if path == "/apis/v2beta1/recurringruns":
+            if body["display_name"] in self.recurring_names:
+                return self._answer({"error": "already exists", "code": 6, "message": "Failed to create a recurring "
+                                     f"run: a recurring run named '{body['display_name']}' already exists"}, 409)
+            self.recurring_names.add(body["display_name"])
         answers = {"/apis/v2beta1/experiments": {"experiment_id": "experiment-1", "display_name": "mulcon"},
                    "/apis/v2beta1/runs": {"run_id": "run-1"},
                    "/apis/v2beta1/recurringruns": {"recurring_run_id": "recurring-1"}}
-        self._answer(answers[self.path.split("?")[0]])
+        self._answer(answers[path])
 
     def log_message(self, *args):
         pass
@@ -109,12 +165,25 @@ class KubeflowApi(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def kubeflow_api():
-    KubeflowApi.requests = []
+    KubeflowApi.requests, KubeflowApi.token, KubeflowApi.recurring_names = [], None, set()
+    KubeflowApi.errors, KubeflowApi.slow = {}, {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), KubeflowApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", KubeflowApi.requests
     server.shutdown()
+    server.server_close()
+
+
+def fails(capsys, *argv: str) -> str:
+    """The one error line of `python -m pipeline *argv`, which must exit 2 without a traceback."""
+    from pipeline.__main__ import main
+
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 def test_submit_and_schedule_send_the_pipeline_with_the_token_from_the_environment(kubeflow_api, monkeypatch, capsys):
@@ -122,9 +191,10 @@ def test_submit_and_schedule_send_the_pipeline_with_the_token_from_the_environme
 
     host, requests = kubeflow_api
     monkeypatch.setenv("KFP_TOKEN", "token-from-env")
-    assert main(["submit", "--host", host, "-p", "data_revision=v1.2", "-p", "gpus=4"]) == 0
+    KubeflowApi.token = "token-from-env"
+    assert main(["submit", "--host", host, "-p", "data_revision=1.10", "-p", "gpus=4"]) == 0
     [run] = [body for method, path, _, body in requests if path == "/apis/v2beta1/runs"]
-    assert run["runtime_config"]["parameters"] == {"data_revision": "v1.2", "gpus": 4}
+    assert run["runtime_config"]["parameters"] == {"data_revision": "1.10", "gpus": 4}  # a string stays as written
     assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "mulcon"
     executors = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert executors["exec-pretrain"]["secretAsEnv"][0]["secretName"] == "mulcon-s3"
@@ -136,8 +206,120 @@ def test_submit_and_schedule_send_the_pipeline_with_the_token_from_the_environme
     assert recurring["experiment_id"] == "experiment-1"
     assert {authorization for _, _, authorization, _ in requests} == {"Bearer token-from-env"}
     assert "recurring run recurring-1 (0 0 3 * * *)" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="Kubeflow wants 6 fields, seconds first"):
-        main(["schedule", "--host", host, "--cron", "0 3 * * *"])
+    # The API's own error answers, on one line each.
+    error = fails(capsys, "schedule", "--host", host, "--cron", "0 0 3 * * *")
+    assert error == (f"error: the Kubeflow Pipelines API at {host} answered 409 Conflict: Failed to create a "
+                     "recurring run: a recurring run named 'mulcon-retraining' already exists")
+    KubeflowApi.errors = {"/apis/v2beta1/runs": (404, {"code": 5, "message": "Failed to create a run: experiment "
+                                                                               "experiment-1 not found"})}
+    assert fails(capsys, "submit", "--host", host, "--experiment", "gone").endswith(
+        "answered 404 Not Found: Failed to create a run: experiment experiment-1 not found")
+
+
+def test_mistakes_are_one_line_found_before_anything_is_sent(kubeflow_api, tmp_path, capsys):
+    host, requests = kubeflow_api
+    package = tmp_path / "pipeline.yaml"
+    assert fails(capsys, "compile", "-o", "/nonexistent/dir/p.yaml") == (
+        "error: --output /nonexistent/dir/p.yaml: the folder /nonexistent/dir does not exist; create it or write elsewhere")
+    (tmp_path / "file").write_text("")
+    assert fails(capsys, "compile", "-o", str(tmp_path / "file" / "p.yaml")).endswith(
+        f"the folder {tmp_path / 'file'} is a file, not a folder; create it or write elsewhere")
+    assert "is a folder; give a file name" in fails(capsys, "compile", "-o", str(tmp_path))
+    assert "must end in .yaml or .yml" in fails(capsys, "compile", "-o", str(tmp_path / "p.json"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]  # nothing written
+    error = fails(capsys, "submit", "--host", host, "-p", "nosuch=1")  # the pipeline compiled now, then checked
+    assert error.startswith("error: -p nosuch=1: the pipeline has no parameter 'nosuch'; its parameters: ")
+    assert {"dataset", "data_revision", "gpus", "pretrain_epochs", "overrides"} <= set(error.split(": ")[-1].split(", "))
+    assert main_ok(["compile", "-o", str(package)])
+    given = ["submit", "--host", host, "--package", str(package)]
+    assert fails(capsys, *given, "-p", "gpus=two") == "error: -p gpus=two: gpus takes an integer, e.g. -p gpus=4"
+    assert fails(capsys, *given, "-p", "promote_margin=half").endswith("promote_margin takes a number, e.g. "
+                                                                        "-p promote_margin=0.5")
+    assert fails(capsys, *given, "-p", "overrides=train.seed=1").endswith("overrides takes a list, e.g. "
+                                                                         "-p overrides=[train.seed=1]")
+    assert fails(capsys, *given, "-p", "dataset=coco").endswith("dataset is one of demo, coco2014, nuswide")
+    assert "add --multinode" in fails(capsys, *given, "-p", "nodes=3")
+    assert fails(capsys, *given, "-p", "gpus") == "error: -p 'gpus': a pipeline argument is NAME=VALUE, e.g. -p gpus=4"
+    assert fails(capsys, "submit", "--host", host, "--package", "/nonexistent.yaml").startswith(
+        "error: --package /nonexistent.yaml: no such file; ")
+    assert "not a compiled Kubeflow pipeline" in fails(capsys, "submit", "--host", host, "--package",
+                                                       str(ROOT / "params.yaml"))
+    (tmp_path / "broken.yaml").write_text("pipelineInfo: [\n")
+    assert "not YAML" in fails(capsys, "submit", "--host", host, "--package", str(tmp_path / "broken.yaml"))
+    (tmp_path / "wrong.yaml").write_text("pipelineInfo: {name: x}\nroot: {}\nnosuchfield: 1\n")
+    assert "not a valid Kubeflow pipeline spec" in fails(capsys, "submit", "--host", host, "--package",
+                                                         str(tmp_path / "wrong.yaml"))
+    assert "not an http(s) URL" in fails(capsys, "submit", "--host", host.removeprefix("http://"), "--package",
+                                         str(package))
+    assert "Kubeflow wants 6 fields" in fails(capsys, "schedule", "--host", host, "--cron", "every monday")
+    assert requests == []
+
+
+def main_ok(argv: list[str]) -> bool:
+    from pipeline.__main__ import main
+
+    return main(argv) == 0
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_unreachable_refusing_and_unauthorized_endpoints_name_the_host_within_10_seconds(kubeflow_api, tmp_path,
+                                                                                          monkeypatch, capsys):
+    host, requests = kubeflow_api
+    package = tmp_path / "pipeline.yaml"
+    assert main_ok(["compile", "-o", str(package)])
+    capsys.readouterr()
+
+    def timed(*argv: str) -> str:
+        start = time.monotonic()
+        error = fails(capsys, *argv, "--package", str(package))
+        assert time.monotonic() - start < 10, argv
+        return error
+
+    closed = f"http://127.0.0.1:{closed_port()}"
+    for command in (["submit"], ["schedule", "--cron", "0 0 3 * * 1"]):
+        assert timed(*command, "--host", closed).startswith(
+            f"error: cannot reach the Kubeflow Pipelines API at {closed}: connection refused; start it")
+    with socket.socket() as silent:  # takes connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        quiet = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        assert timed("submit", "--host", quiet).startswith(
+            f"error: no answer from the Kubeflow Pipelines API at {quiet} within 5 s; ")
+    tls = host.replace("http://", "https://")
+    assert timed("submit", "--host", tls).startswith(f"error: TLS failure talking to {tls} (")
+    KubeflowApi.token = "the-right-token"
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+    assert timed("submit", "--host", host) == (
+        f"error: the Kubeflow Pipelines API at {host} answered 401 Unauthorized; $KFP_TOKEN is not set: set KFP_TOKEN "
+        "to a bearer token with access to the namespace (--token-env names another variable)")
+    monkeypatch.setenv("MY_TOKEN", "a-wrong-token")
+    assert "the token in $MY_TOKEN was refused: set MY_TOKEN" in timed("submit", "--host", host, "--token-env", "MY_TOKEN")
+    KubeflowApi.token, KubeflowApi.errors = None, {"/apis/v2beta1/healthz": (403, "RBAC: access denied")}
+    assert timed("submit", "--host", host).startswith(
+        f"error: the Kubeflow Pipelines API at {host} answered 403 Forbidden: RBAC: access denied; $KFP_TOKEN")
+    KubeflowApi.errors = {"/apis/v2beta1/healthz": (200, "<html>Log in</html>")}
+    assert "did not answer as the Kubeflow Pipelines API (a login page?)" in timed("submit", "--host", host)
+    KubeflowApi.errors = {"/apis/v2beta1/healthz": (404, "")}
+    assert timed("submit", "--host", host) == (f"error: {host}/apis/v2beta1/healthz answered 404 Not Found: not a "
+                                               "Kubeflow Pipelines v2 API; check --host or KF_PIPELINES_ENDPOINT")
+    assert [path for _, path, _, _ in requests] == ["/apis/v2beta1/healthz"] * 5  # nothing else was sent
+    KubeflowApi.errors, KubeflowApi.slow = {}, {"/apis/v2beta1/runs": 3}  # up, then silent on the run itself
+    assert timed("submit", "--host", host, "--timeout", "1").startswith(
+        f"error: no answer from the Kubeflow Pipelines API at {host} within 1 s; ")
+
+
+def test_the_command_exits_2_with_one_line_on_a_closed_port():
+    closed = f"http://127.0.0.1:{closed_port()}"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--host", closed, "-p", "gpus=2"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(f"error: cannot reach the Kubeflow Pipelines API at {closed}")
+    assert "Traceback" not in result.stderr
 
 
 def git(repo, *args):
