@@ -91,7 +91,7 @@ def train_loader(config: Config, step: Step) -> DataLoader:
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
 
-def _rows(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_rows(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch on `device` (augmented there with `data.augment_device: cuda`), the views stacked as
     rows (view 1 of every image, then view 2) with their targets."""
     images, targets = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
@@ -109,7 +109,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, objective: Objective, 
     started, images_seen = time.perf_counter(), 0
     batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None)
     # On CUDA the next batch is copied (and augmented) on a side stream while this one trains.
-    for index, (images, targets) in enumerate(prefetch(batches, lambda batch: _rows(batch, device), device)):
+    for index, (images, targets) in enumerate(prefetch(batches, lambda batch: batch_rows(batch, device), device)):
         with autocast(device, config.train.precision):
             terms = objective(model(images, need_projections=objective.contrastive is not None), targets)
         optimizer.zero_grad(set_to_none=True)

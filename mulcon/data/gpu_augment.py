@@ -171,15 +171,22 @@ def augment_batch(pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
                 if name == "Identity":
                     continue
                 function = lambda images, name=name, value=value: apply_operation(images, name, value)  # noqa: E731
+            if pixels.is_cuda:  # pinned: the copy is asynchronous (no wait for the device)
+                rows = rows.pin_memory()
             rows = rows.to(pixels.device, non_blocking=True)
             pixels[rows] = function(pixels[rows])
     return pixels
 
 
+_STATISTICS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> ImageNet-normalised float32, with ToNormalisedTensor's arithmetic."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
+    if pixels.device not in _STATISTICS:  # copied to the device once
+        _STATISTICS[pixels.device] = (torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1),
+                                      torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1))
+    mean, std = _STATISTICS[pixels.device]
     return pixels.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
