@@ -102,10 +102,12 @@ def cpu_ms_per_image(loader, images: int) -> float:
     dataset, threads = loader.dataset, torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
-        dataset[(0, 0)]  # first use: opens the cache's memory map
+        keys = [(0, index % len(dataset)) for index in range(images)]
+        for key in keys:  # first use: maps the cache and reads its pages from the disk
+            dataset[key]
         started = time.process_time()
-        for index in range(images):
-            dataset[(0, index % len(dataset))]
+        for key in keys:
+            dataset[key]
         return 1e3 * (time.process_time() - started) / images
     finally:
         torch.set_num_threads(threads)
