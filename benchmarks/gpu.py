@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/gpu.py` from anywhere
 
 from benchmarks.common import machine, make_coco_like_dataset, print_table, training_step, usable_cpus  # noqa: E402
+from benchmarks.gpu_e2e import end_to_end_ratios, report_e2e, run_e2e_rows  # noqa: E402
 from mulcon.model import Baseline, MulCon  # noqa: E402
 
 TARGET_IMAGES_PER_SECOND = 1200  # synthetic MulCon step (issue 13; issue 5 asked 1,000)
@@ -289,53 +290,6 @@ def report(rows: list[dict], options, device) -> None:
               f"{'met' if ratio <= TARGET_STEP_RATIO else 'NOT met'}")
 
 
-def end_to_end_ratios(rows: list[dict]) -> dict[str, float]:
-    """Each end-to-end row's rows/s over the synthetic eager step's of its objective (1.0: the input
-    pipeline costs nothing)."""
-    synthetic = {row["objective"]: row["images_per_second"] for row in rows if row["section"] == "synthetic"
-                 and row["status"] == "ok" and row["model"] == "mulcon" and row["precision"] == "bf16"
-                 and row["channels_last"] and not row["compile"] and row["attention"] == "sdpa"}
-    ratios = {}
-    for row in rows:
-        objective = "bce" if row.get("stage") == "step 1" else "bce+lcon"
-        if row["section"] == "e2e" and row["status"] == "ok" and objective in synthetic:
-            ratios[f"{row['stage']}, augment {row['augment_device']}"] = row["rows_per_second"] / synthetic[objective]
-    return ratios
-
-
-def report_e2e(rows: list[dict], options, device) -> None:
-    """The end-to-end table and issue 13's targets for it."""
-    e2e = [row for row in rows if row["section"] == "e2e"]
-    if not e2e:
-        return
-
-    def number(value, digits, scale=1.0):
-        return "-" if value is None else f"{scale * value:.{digits}f}"
-
-    ratios = end_to_end_ratios(rows)
-    table = [[row["stage"], row["augment_device"], number(row.get("images_per_second"), 1),
-              number(row.get("rows_per_second"), 1), number(row.get("gpu_busy_fraction"), 1, 100),
-              number(row.get("cpu_ms_per_image"), 2), number(row.get("mfu"), 1, 100),
-              number(ratios.get(f"{row['stage']}, augment {row['augment_device']}"), 2),
-              row.get("workers", "-"), row.get("timed_batches", "-"), row["status"]] for row in e2e]
-    print_table(f"End to end from the image cache ({options.e2e_workers} workers, step 1: batch "
-                f"{options.batch_size} x 1 view, BCE; step 2: batch {max(1, options.batch_size // 2)} x 2 views, "
-                "BCE + L_con)",
-                ["step", "augment", "img/s", "rows/s", "GPU busy %", "CPU ms/img", "MFU %", "/ synthetic",
-                 "workers", "batches", "status"], table)
-    if options.tiny or device.type != "cuda":
-        print("  targets (step 1 >= 1000 img/s, step 2 >= 450 img/s, >= 0.90 of synthetic): not judged on this run")
-        return
-    for stage, target in (("step 1", 1000), ("step 2", 450)):
-        best = max((row for row in e2e if row["stage"] == stage and row["status"] == "ok"),
-                   key=lambda row: row["images_per_second"], default=None)
-        if best is not None:
-            ratio = ratios.get(f"{stage}, augment {best['augment_device']}")
-            print(f"  {stage} end to end: {best['images_per_second']:.0f} img/s (augment {best['augment_device']}); "
-                  f"target >= {target}: {'met' if best['images_per_second'] >= target else 'NOT met'}; "
-                  f"{'-' if ratio is None else f'{ratio:.2f}'} of the synthetic step (target >= 0.90)")
-
-
 TINY = {"backbone": "resnet18", "image_size": 32, "batch_size": 2, "embed_dim": 64, "warmup": 1, "steps": 2,
         "loader_images": 4, "loader_batches": 1, "workers": 1, "compile_backend": "eager",
         "e2e_images": 8, "e2e_batches": 2, "e2e_workers": 1,
@@ -398,8 +352,6 @@ def run(options: argparse.Namespace) -> dict:
         if (row if isinstance(row, str) else "synthetic") not in sections:
             continue
         if row == "e2e":
-            from benchmarks.gpu_e2e import run_e2e_rows
-
             rows += run_e2e_rows(options, device, budget, flops["mulcon"], peaks[0] if peaks else None)
         elif row == "loader":
             rows += run_loader_rows(options, device, budget, flops, peaks)

@@ -18,6 +18,7 @@ images differ from `augment_device: cpu` (PIL) ones: the key changes results.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -170,7 +171,7 @@ def augment_batch(pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
                 name, value = _operation(params[rows[0]], step - 1, pixels.shape[-1])
                 if name == "Identity":
                     continue
-                function = lambda images, name=name, value=value: apply_operation(images, name, value)  # noqa: E731
+                function = functools.partial(apply_operation, name=name, value=value)
             if pixels.is_cuda:  # pinned: the copy is asynchronous (no wait for the device)
                 rows = rows.pin_memory()
             rows = rows.to(pixels.device, non_blocking=True)
