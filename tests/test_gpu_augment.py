@@ -19,6 +19,7 @@ from mulcon.data.gpu_augment import (OPS, SIGNED, AugmentedView, SampledAugmenta
                                      augment_sample, normalise, sample_parameters, to_device)
 from mulcon.data.sampling import SeededDataset
 from mulcon.data.transforms import ToNormalisedTensor
+from mulcon.errors import ConfigError
 from mulcon.optim import build_optimizer
 from mulcon.train import run_training
 from mulcon.variants import Step
@@ -143,3 +144,13 @@ def test_augment_device_cuda_trains_on_the_cpu_and_resumes_to_the_same_weights(t
     resumed = checkpoint.load(run_training(interrupted, resume=True))["model"]
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.augment_device=gpu", "data.augment_device: 'gpu' is not one of cpu, cuda"),
+    ("train.compile_mode=fast", "train.compile_mode: 'fast' is not one of default, reduce-overhead, max-autotune, "
+                                "max-autotune-no-cudagraphs"),
+])
+def test_unknown_augment_device_or_compile_mode_is_refused_by_name(tiny_params, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(tiny_params, [override])
