@@ -172,10 +172,11 @@ def training_step(model: torch.nn.Module, *, device_type: str = "cpu", precision
                   need_attention: bool = False, projections: bool = False,
                   contrastive: bool = False) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One training step like `mulcon.train.train_one_epoch`'s: autocast forward (bf16 when
-    `precision` is bf16), BCE (+ 0.1 L_con), backward, an Adam update."""
+    `precision` is bf16), BCE (+ 0.1 L_con), backward, an Adam update (fused on CUDA, as training's)."""
     from mulcon.losses import bce_loss, label_contrastive_loss
+    from mulcon.optim import kernel_options
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **kernel_options(model))
     model.train()
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> None:

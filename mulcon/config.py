@@ -32,6 +32,9 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes
     randaugment: bool = True  # RandAugment in the training transform (paper section 4)
     cache: bool = False  # prepare also writes the image cache at image_size (3 S^2 bytes per image)
+    # Where flip and RandAugment run: cpu (PIL, in the loader workers) | cuda (batched tensor ops on the
+    # training device, mulcon.data.gpu_augment; on a CPU-only run the same batched path runs on the CPU).
+    augment_device: str = "cpu"
 
     @property
     def raw_dir(self) -> Path:
@@ -111,6 +114,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # maximum gradient norm; 0 disables clipping
     select_on_val: bool = False  # keep the epoch with the best val mAP instead of the last one
     compile: bool = False  # torch.compile the training forward (GPU: 1.39x on an H100; minutes to compile)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     out_root: str = "runs"  # models and histories in <out_root>/<variant>/<stage>
     checkpoint_root: str = "checkpoints"  # resume state in <checkpoint_root>/<variant>/<stage>
 
@@ -156,6 +160,8 @@ class Config:
 
 CHOICES = {
     "data.dataset": DATASETS,
+    "data.augment_device": ("cpu", "cuda"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "model.backbone": BACKBONES,
     "model.attention_scale": ("none", "head", "full"),
     "loss.classification": ("bce", "asl"),
@@ -166,7 +172,7 @@ CHOICES = {
 }
 # Keys that change where or how fast a run goes, not what it computes.
 RESULT_INDEPENDENT = {
-    "data.num_workers", "data.root", "data.prepared_root", "data.cache", "train.device", "train.compile", "train.out_root",
+    "data.num_workers", "data.root", "data.prepared_root", "data.cache", "train.device", "train.compile", "train.compile_mode", "train.out_root",
     "train.checkpoint_root", "evaluate.split", "evaluate.threshold", "evaluate.batch_size", "evaluate.out_root",
     "tracking.enabled", "tracking.register_model", "tracking.system_metrics", "analysis.split",
     "analysis.tsne_images", "analysis.precision_k", "analysis.seed",

@@ -15,11 +15,20 @@ from torch import nn
 from mulcon.config import Config
 
 
+def kernel_options(model: nn.Module) -> dict[str, bool]:
+    """How the optimizer updates the weights: one fused kernel on CUDA, else the multi-tensor
+    (foreach) path; either way a handful of kernels per step instead of a few per parameter."""
+    if all(parameter.is_cuda for parameter in model.parameters()):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_optimizer(config: Config, stage: str, model: nn.Module) -> torch.optim.Optimizer:
     if stage == "pretrain":
-        return torch.optim.Adam(model.parameters(), lr=config.pretrain.lr, weight_decay=config.pretrain.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=config.pretrain.lr, weight_decay=config.pretrain.weight_decay,
+                                **kernel_options(model))
     return torch.optim.SGD(model.parameters(), lr=config.finetune.lr, momentum=config.finetune.momentum,
-                           weight_decay=config.finetune.weight_decay)
+                           weight_decay=config.finetune.weight_decay, **kernel_options(model))
 
 
 def build_scheduler(config: Config, stage: str, optimizer: torch.optim.Optimizer, epochs: int,

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from mulcon import checkpoint, distributed
 from mulcon.config import RESULT_INDEPENDENT, Config, config_from_dict, to_dict, to_flat_dict
 from mulcon.data.dataset import ManifestDataset, load_classes
+from mulcon.data.gpu_augment import SampledAugmentation, prefetch, to_device
 from mulcon.data.sampling import EpochSampler, SeededDataset
 from mulcon.data.transforms import train_transform
 from mulcon.errors import CheckpointError, ConfigError, TrainingError
@@ -77,8 +78,11 @@ def train_loader(config: Config, step: Step) -> DataLoader:
     batch_size = config.pretrain.batch_size if step.stage == "pretrain" else config.finetune.batch_size
     batch_size = distributed.local_batch_size(batch_size)
     views = 2 if step.contrastive else 1
-    dataset = ManifestDataset(config.data.prepared_dir, "train",
-                              train_transform(config.data.image_size, config.data.randaugment), views=views,
+    if config.data.augment_device == "cuda":  # workers sample the augmentation, the device applies it
+        transform = SampledAugmentation(config.data.image_size, config.data.randaugment)
+    else:
+        transform = train_transform(config.data.image_size, config.data.randaugment)
+    dataset = ManifestDataset(config.data.prepared_dir, "train", transform, views=views,
                               image_size=config.data.cache_size)
     sampler = EpochSampler(len(dataset), config.train.seed, batch_size=batch_size, drop_last=True,
                            rank=distributed.rank(), world_size=distributed.world_size())
@@ -87,12 +91,14 @@ def train_loader(config: Config, step: Step) -> DataLoader:
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
 
-def _rows(images, targets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the views of a batch as rows (view 1 of every image, then view 2) with their targets."""
-    if isinstance(images, (list, tuple)):
+def batch_rows(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch on `device` (augmented there with `data.augment_device: cuda`), the views stacked as
+    rows (view 1 of every image, then view 2) with their targets."""
+    images, targets = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
+    if isinstance(images, list):
         targets = targets.repeat(len(images), 1)
-        images = torch.cat(list(images))
-    return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images = torch.cat(images)
+    return images, targets
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, objective: Objective, optimizer, scheduler,
@@ -102,8 +108,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, objective: Objective, 
     sums: dict[str, torch.Tensor] = {}
     started, images_seen = time.perf_counter(), 0
     batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None)
-    for index, (images, targets) in enumerate(batches):
-        images, targets = _rows(images, targets, device)
+    # On CUDA the next batch is copied (and augmented) on a side stream while this one trains.
+    for index, (images, targets) in enumerate(prefetch(batches, lambda batch: batch_rows(batch, device), device)):
         with autocast(device, config.train.precision):
             terms = objective(model(images, need_projections=objective.contrastive is not None), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -240,7 +246,7 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
     # DDP starts every process from rank 0's weights; a BCE-only step leaves the projector idle.
     network = distributed.wrap(model, device, find_unused_parameters=step.contrastive is None)
     if config.train.compile:  # the forward only: `model` keeps its parameters and state-dict keys
-        network = torch.compile(network)
+        network = torch.compile(network, mode=config.train.compile_mode)
     objective = Objective(config, step.contrastive)
     for epoch in range(start, step.epochs):
         loader.sampler.set_epoch(epoch)

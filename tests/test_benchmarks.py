@@ -36,8 +36,32 @@ def test_run_all_quick_prints_every_figure(tmp_path):
     assert results["metrics"]["max_ap_difference"] < 1e-9
     assert results["input"]["cases"]["cache"]["images_per_second"] > 0
     statuses = [row["status"] for row in results["gpu"]["rows"] if row["model"] != "decode_jpeg on GPU + resize"]
-    assert statuses == ["ok"] * 14  # 8 eager, 4 loader and 2 compiled rows
-    assert results["gpu"]["rows"][12]["status"] == "skipped: needs CUDA"  # nvJPEG
+    assert statuses == ["ok"] * 18  # 8 eager, 4 end-to-end, 4 loader and 2 compiled rows
+    nvjpeg = [row for row in results["gpu"]["rows"] if row["model"] == "decode_jpeg on GPU + resize"]
+    assert [row["status"] for row in nvjpeg] == ["skipped: needs CUDA"]
+    assert sorted(results["gpu"]["end_to_end_over_synthetic"]) == [
+        "step 1, augment cpu", "step 1, augment cuda", "step 2, augment cpu", "step 2, augment cuda"]
+
+
+def test_gpu_benchmark_end_to_end_rows_run_in_the_smoke_size(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    result = gpu.main(["--tiny", "--sections", "e2e", "--out", str(out)])
+    rows = result["rows"]
+    assert [(row["stage"], row["augment_device"], row["status"]) for row in rows] == [
+        ("step 1", "cpu", "ok"), ("step 1", "cuda", "ok"), ("step 2", "cpu", "ok"), ("step 2", "cuda", "ok")]
+    for row in rows:
+        assert row["timed_batches"] == 2 and row["images_per_second"] > 0 and row["cpu_ms_per_image"] > 0
+        assert row["rows_per_second"] == pytest.approx(row["images_per_second"] * (2 if row["stage"] == "step 2" else 1))
+        assert row["gpu_busy_fraction"] is None and row["mfu"] is None  # CPU: no events, no peak
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "End to end from the image cache" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_names_its_results_file_after_the_device(monkeypatch):
+    assert gpu.device_slug(torch.device("cpu")) == "cpu"
+    for name, slug in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA L4", "l4")):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert gpu.device_slug(torch.device("cuda")) == slug
 
 
 def test_gpu_benchmark_budget_skips_rows_and_says_so(capsys):
