@@ -55,9 +55,10 @@ class Objective:
     def __call__(self, output, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.loss.classification == "asl":
             classification = asymmetric_loss(output.logits, targets, self.loss.asl_gamma_pos,
-                                             self.loss.asl_gamma_neg, self.loss.asl_clip)
+                                             self.loss.asl_gamma_neg, self.loss.asl_clip,
+                                             reduction=self.loss.bce_reduction)
         else:
-            classification = bce_loss(output.logits, targets)
+            classification = bce_loss(output.logits, targets, reduction=self.loss.bce_reduction)
         terms = {"bce": classification}
         if self.contrastive is not None:
             # Anchors, positives and denominators span the global batch of all training processes.
@@ -77,8 +78,10 @@ def train_loader(config: Config, step: Step) -> DataLoader:
     batch_size = config.pretrain.batch_size if step.stage == "pretrain" else config.finetune.batch_size
     batch_size = distributed.local_batch_size(batch_size)
     views = 2 if step.contrastive else 1
+    crop_scale = config.data.crop_scale if step.stage == "pretrain" else (1.0, 1.0)  # the authors: no crop in step 2
     dataset = ManifestDataset(config.data.prepared_dir, "train",
-                              train_transform(config.data.image_size, config.data.randaugment), views=views,
+                              train_transform(config.data.image_size, config.data.randaugment, crop_scale),
+                              views=views,
                               image_size=config.data.cache_size)
     sampler = EpochSampler(len(dataset), config.train.seed, batch_size=batch_size, drop_last=True,
                            rank=distributed.rank(), world_size=distributed.world_size())
