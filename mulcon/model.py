@@ -2,6 +2,8 @@
 
 MulCon = CNN encoder (tokens r_i, Eq. 6) -> LabelAttention (label-level embeddings g_i, Eq. 2, 3, 6)
 -> one linear classifier per label (s_ij) and a two-layer projector (z_ij, section 2.2).
+`model.attention_block=authors` builds the attention block of the authors' public code instead
+(AuthorsBlock, with their label queries and initialisation; REFERENCE.md lists the differences).
 The Baseline is the backbone with global average pooling, one linear classifier and an
 image-level projector for the image-level SupCon ablation ("Backbone with BCE + SCL").
 """
@@ -54,7 +56,7 @@ def _attend(query, key, value, num_heads: int, scale: float, need_weights: bool)
 
 
 class SelfAttentionBlock(nn.Module):
-    """A transformer block (attention + ReLU feed-forward): the authors' code variant only."""
+    """A transformer block (attention, W^o, ReLU feed-forward): the self-attention option of the paper block."""
 
     def __init__(self, dim: int, num_heads: int, layer_norm: bool, scale: float):
         super().__init__()
