@@ -35,6 +35,9 @@ class DataConfig:
     # Where flip and RandAugment run: cpu (PIL, in the loader workers) | cuda (batched tensor ops on the
     # training device, mulcon.data.gpu_augment; on a CPU-only run the same batched path runs on the CPU).
     augment_device: str = "cpu"
+    # Step 1 only: RandomResizedCrop's area range; (1.0, 1.0) is the plain resize of the paper,
+    # the authors' code uses (0.875, 1.0). With `cache` the crop is cut from the cached s x s image.
+    crop_scale: tuple[float, float] = (1.0, 1.0)
 
     @property
     def raw_dir(self) -> Path:
@@ -69,11 +72,16 @@ class ModelConfig:
     label_self_attention: int = 0  # authors' code: 1 self-attention block over label embeddings
     layer_norm: bool = False  # authors' code: LayerNorm after each residual
     attention_scale: str = "none"  # none (Eq. 1) | head (1/sqrt(D/h)) | full (1/sqrt(D), authors' code)
+    # paper (Eq. 2, 3: residual on the query, W^o, linear W^{q'}, normal U of L x C) | authors (their
+    # block: residual on the projected query, no W^o, ReLU feed-forward, xavier U of L x D, weights
+    # normal(0, 0.02)). The four keys above apply to both blocks; configs/authors-*.yaml set them.
+    attention_block: str = "paper"
 
 
 @dataclass(frozen=True)
 class LossConfig:
     classification: str = "bce"  # bce (Eq. 7) | asl (asymmetric loss, Ben-Baruch et al.)
+    bce_reduction: str = "sum"  # sum over labels, mean over images (Eq. 7) | mean over all B x L (authors' code)
     contrastive_weight: float = 0.1  # gamma in Eq. 9
     temperature: float = 0.2  # tau in Eq. 8
     asl_gamma_pos: float = 0.0
@@ -83,11 +91,15 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Step 1: BCE only, Adam with a one-cycle schedule."""
+    """Step 1: BCE only, Adam with a one-cycle schedule (the paper) or AdamW with warm-up and cosine."""
 
-    lr: float = 2.0e-4  # maximum learning rate of the one-cycle policy
+    lr: float = 2.0e-4  # peak learning rate of the schedule
     weight_decay: float = 0.0
     batch_size: int = 64
+    optimizer: str = "adam"  # adam (the paper) | adamw (authors' code)
+    schedule: str = "onecycle"  # onecycle (the paper) | cosine (authors' code: after warmup_epochs)
+    warmup_epochs: int = 0  # cosine only: linear warm-up from 0.1 x lr (authors' code: 5)
+    backbone_lr_scale: float = 1.0  # the backbone's lr as a fraction of lr (authors' code: 0.1)
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,9 @@ class FinetuneConfig:
     lr_step_epochs: int = 20  # divide the learning rate by lr_step_factor every this many epochs
     lr_step_factor: float = 0.1
     batch_size: int = 32  # images; two views make 2 x batch_size rows
+    # lr of the backbone and the label attention as a fraction of lr (the classifier and projector
+    # train at lr); the authors' code: 0.1
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -164,7 +179,11 @@ CHOICES = {
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "model.backbone": BACKBONES,
     "model.attention_scale": ("none", "head", "full"),
+    "model.attention_block": ("paper", "authors"),
     "loss.classification": ("bce", "asl"),
+    "loss.bce_reduction": ("sum", "mean"),
+    "pretrain.optimizer": ("adam", "adamw"),
+    "pretrain.schedule": ("onecycle", "cosine"),
     "train.variant": VARIANTS,
     "train.precision": ("bf16", "fp16", "fp32"),
     "evaluate.split": ("train", "val", "test"),
@@ -181,12 +200,27 @@ POSITIVE = {
     "data.image_size", "demo.num_train", "demo.num_val", "demo.image_size", "model.embed_dim",
     "model.num_heads", "model.projection_dim", "loss.temperature", "pretrain.lr", "pretrain.batch_size",
     "finetune.lr", "finetune.lr_step_epochs", "finetune.batch_size", "evaluate.batch_size",
+    "pretrain.backbone_lr_scale", "finetune.backbone_lr_scale",
     "analysis.tsne_images", "analysis.precision_k",
 }
 
 
+def _check_scale_range(key: str, value: Any) -> tuple[float, float]:
+    """A (low, high) area range with 0 < low <= high <= 1, from a YAML list of two numbers."""
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(item, (int, float)) and not isinstance(item, bool) for item in value)
+    if not numbers:
+        raise ConfigError(f"{key}: expected a list of two numbers [low, high], got {value!r}")
+    low, high = float(value[0]), float(value[1])
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"{key}: expected 0 < low <= high <= 1, got [{low}, {high}]")
+    return low, high
+
+
 def _check_value(key: str, value: Any, kind: type) -> Any:
     """Return `value` as `kind`, or raise ConfigError naming `key`."""
+    if typing.get_origin(kind) is tuple:
+        return _check_scale_range(key, value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -250,6 +284,9 @@ def config_from_dict(values: dict[str, Any], overrides: Iterable[str] = ()) -> C
         raise ConfigError("train.select_on_val: needs a validation split, but data.val_fraction is 0")
     if not 0 <= config.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
+    if config.pretrain.warmup_epochs and config.pretrain.schedule != "cosine":
+        raise ConfigError(f"pretrain.warmup_epochs: {config.pretrain.warmup_epochs} needs pretrain.schedule=cosine "
+                          "(the one-cycle schedule has its own warm-up)")
     return config
 
 
@@ -288,4 +325,6 @@ def to_flat_dict(config: Config) -> dict[str, Any]:
 
 
 def to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Nested plain dicts; tuples (data.crop_scale) become lists, so YAML writes them as in params.yaml."""
+    return {section: {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+            for section, values in dataclasses.asdict(config).items()}

@@ -83,15 +83,39 @@ def image_contrastive_loss(projections: torch.Tensor, targets: torch.Tensor, tem
     return _supervised_contrastive(projections, positives, temperature)
 
 
-def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: binary cross-entropy summed over the L labels of an image, averaged over images."""
+BCE_REDUCTIONS = ("sum", "mean")
+
+
+def _reduce(per_label: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(B, L) per-label losses -> scalar: `sum` over labels then mean over images (Eq. 7), or
+    `mean` over all B x L entries (PyTorch's default, the authors' code): Eq. 7 divided by L."""
+    if reduction == "sum":
+        return per_label.sum(1).mean()
+    if reduction == "mean":
+        return per_label.mean()
+    raise ValueError(f"reduction: {reduction!r} is not one of {', '.join(BCE_REDUCTIONS)}")
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Binary cross-entropy of the L labels of each image (Eq. 7).
+
+    Args:
+        logits: (B, L) float scores s_ij (computed in fp32 here).
+        targets: (B, L) in {0, 1}.
+        reduction: `sum` (Eq. 7: summed over labels, averaged over images) or `mean` (averaged
+            over all B x L entries, as in the authors' code; the same loss divided by L). Under SGD
+            the reduction scales every gradient step, so learning rates come with a reduction.
+    Returns:
+        Scalar.
+    """
     per_label = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return per_label.sum(1).mean()
+    return _reduce(per_label, reduction)
 
 
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: float = 0.0,
-                    gamma_neg: float = 4.0, clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
-    """Asymmetric loss (Ben-Baruch et al., 2020), reduced like bce_loss.
+                    gamma_neg: float = 4.0, clip: float = 0.05, eps: float = 1e-8,
+                    reduction: str = "sum") -> torch.Tensor:
+    """Asymmetric loss (Ben-Baruch et al., 2020), reduced like bce_loss (same `reduction`).
 
     Negatives get a probability margin `clip` and a focusing exponent `gamma_neg`; positives
     `gamma_pos`. With all three at 0 this is bce_loss.
@@ -106,4 +130,4 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: floa
         chosen = probability * targets + negative_probability * (1 - targets)
         exponent = gamma_pos * targets + gamma_neg * (1 - targets)
         loss = loss * torch.pow(1 - chosen, exponent)
-    return -loss.sum(1).mean()
+    return _reduce(-loss, reduction)

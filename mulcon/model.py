@@ -2,6 +2,8 @@
 
 MulCon = CNN encoder (tokens r_i, Eq. 6) -> LabelAttention (label-level embeddings g_i, Eq. 2, 3, 6)
 -> one linear classifier per label (s_ij) and a two-layer projector (z_ij, section 2.2).
+`model.attention_block=authors` builds the attention block of the authors' public code instead
+(AuthorsBlock, with their label queries and initialisation; REFERENCE.md lists the differences).
 The Baseline is the backbone with global average pooling, one linear classifier and an
 image-level projector for the image-level SupCon ablation ("Backbone with BCE + SCL").
 """
@@ -22,6 +24,8 @@ from mulcon.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 ATTENTION_SCALES = ("none", "head", "full")
+ATTENTION_BLOCKS = ("paper", "authors")
+INIT_STD = 0.02  # the authors' normal(0, 0.02) of attention, classifier and projector weights
 
 
 def _scale(attention_scale: str, embed_dim: int, num_heads: int) -> float:
@@ -52,7 +56,7 @@ def _attend(query, key, value, num_heads: int, scale: float, need_weights: bool)
 
 
 class SelfAttentionBlock(nn.Module):
-    """A transformer block (attention + ReLU feed-forward): the authors' code variant only."""
+    """A transformer block (attention, W^o, ReLU feed-forward): the self-attention option of the paper block."""
 
     def __init__(self, dim: int, num_heads: int, layer_norm: bool, scale: float):
         super().__init__()
@@ -69,25 +73,72 @@ class SelfAttentionBlock(nn.Module):
         return self.norm2(x + F.relu(self.feed_forward(x)))
 
 
+class AuthorsBlock(nn.Module):
+    """The attention block of the authors' code (REFERENCE.md, "Where the authors' public code differs").
+
+    O = fc_q(X_query) + MultiAtt(fc_q(X_query), fc_k(X_kv), fc_v(X_kv)): the residual is the
+    projected query and there is no output projection W^o; then LayerNorm, O = O + ReLU(fc_o(O)),
+    LayerNorm. Self-attention is the block with X_query = X_kv.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, width: int, num_heads: int, layer_norm: bool, scale: float):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, scale
+        self.fc_q = nn.Linear(query_dim, width)
+        self.fc_k = nn.Linear(key_dim, width)
+        self.fc_v = nn.Linear(key_dim, width)
+        self.fc_o = nn.Linear(width, width)
+        self.norm1 = nn.LayerNorm(width) if layer_norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(width) if layer_norm else nn.Identity()
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, need_weights: bool = False):
+        """(B, n, query_dim), (B, N, key_dim) -> (B, n, width) and weights (B, h, n, N) or None."""
+        projected = self.fc_q(query)  # (B, n, width)
+        attended, weights = _attend(projected, self.fc_k(keys), self.fc_v(keys), self.num_heads, self.scale,
+                                    need_weights)
+        out = self.norm1(projected + attended)
+        return self.norm2(out + F.relu(self.fc_o(out))), weights
+
+
+def init_authors_weights(module: nn.Module) -> None:
+    """Every Linear of `module`: weight normal(0, INIT_STD), bias 0 (the authors' init_weights)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, INIT_STD)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class LabelAttention(nn.Module):
     """Label-level embeddings g = MultiAttBlock(U, r, r) (Eq. 2, 3, 6).
 
     Args:
-        in_dim: C, channels of the image tokens and of the label queries U.
+        in_dim: C, channels of the image tokens (and, in the paper's block, of the label queries U).
         num_labels: L.
         embed_dim: D, width of the label-level embeddings.
         num_heads: h.
-        token_self_attention, label_self_attention, layer_norm, attention_scale: the authors'
-            code variants (blocks over tokens before, over labels after, LayerNorm, scaling).
+        token_self_attention, label_self_attention, layer_norm, attention_scale: self-attention
+            blocks over the tokens before and over the labels after, LayerNorm after each
+            residual, and the softmax scaling; the same meaning in both blocks.
+        attention_block: `paper` (Eq. 2, 3: U is L x C, normal; W^o; Q' + Q'W^{q'}) or `authors`
+            (AuthorsBlock for every block; U is L x D, xavier-uniform as a (1, L, D) tensor; all
+            Linear weights normal(0, 0.02), biases 0). The authors' exact module is `authors` with
+            2 token blocks, 1 label block, layer_norm and attention_scale `full`.
     """
 
     def __init__(self, in_dim: int, num_labels: int, embed_dim: int, num_heads: int, *,
                  token_self_attention: int = 0, label_self_attention: int = 0,
-                 layer_norm: bool = False, attention_scale: str = "none"):
+                 layer_norm: bool = False, attention_scale: str = "none", attention_block: str = "paper"):
         super().__init__()
         if embed_dim % num_heads:
             raise ConfigError(f"model.embed_dim {embed_dim} is not divisible by model.num_heads {num_heads}")
-        self.num_heads = num_heads
+        if attention_block not in ATTENTION_BLOCKS:
+            raise ConfigError(f"model.attention_block: {attention_block!r} is not one of {', '.join(ATTENTION_BLOCKS)}")
+        self.num_heads, self.attention_block = num_heads, attention_block
+        if attention_block == "authors":
+            self._build_authors(in_dim, num_labels, embed_dim, num_heads, token_self_attention,
+                                label_self_attention, layer_norm, attention_scale)
+            return
         self.scale = _scale(attention_scale, embed_dim, num_heads)
         self.label_queries = nn.Parameter(torch.randn(num_labels, in_dim))  # U (L, C), normal init
         self.query = nn.Linear(in_dim, embed_dim)  # concat_h(W_h^q)
@@ -103,8 +154,34 @@ class LabelAttention(nn.Module):
         self.label_blocks = nn.ModuleList(
             SelfAttentionBlock(embed_dim, num_heads, layer_norm, self.scale) for _ in range(label_self_attention))
 
+    def _build_authors(self, in_dim: int, num_labels: int, embed_dim: int, num_heads: int, token_blocks: int,
+                       label_blocks: int, layer_norm: bool, attention_scale: str) -> None:
+        self.label_queries = nn.Parameter(torch.empty(num_labels, embed_dim))  # U (L, D)
+        # xavier on the authors' (1, L, D) tensor: fan_in L*D, fan_out D (a view shares the storage)
+        nn.init.xavier_uniform_(self.label_queries.data.view(1, num_labels, embed_dim))
+        self.cross = AuthorsBlock(embed_dim, in_dim, embed_dim, num_heads, layer_norm,
+                                  _scale(attention_scale, embed_dim, num_heads))
+        token_scale, label_scale = _scale(attention_scale, in_dim, num_heads), _scale(attention_scale, embed_dim, num_heads)
+        self.token_blocks = nn.ModuleList(
+            AuthorsBlock(in_dim, in_dim, in_dim, num_heads, layer_norm, token_scale) for _ in range(token_blocks))
+        self.label_blocks = nn.ModuleList(
+            AuthorsBlock(embed_dim, embed_dim, embed_dim, num_heads, layer_norm, label_scale)
+            for _ in range(label_blocks))
+        init_authors_weights(self)
+
+    def _forward_authors(self, tokens: torch.Tensor, need_weights: bool):
+        for block in self.token_blocks:
+            tokens, _ = block(tokens, tokens)  # (B, N, C)
+        queries = self.label_queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # (B, L, D)
+        embeddings, weights = self.cross(queries, tokens, need_weights)  # (B, L, D)
+        for block in self.label_blocks:
+            embeddings, _ = block(embeddings, embeddings)
+        return (embeddings, weights) if need_weights else embeddings
+
     def forward(self, tokens: torch.Tensor, need_weights: bool = False):
         """Map image tokens (B, N, C) to label embeddings (B, L, D); weights (B, h, L, N) if asked."""
+        if self.attention_block == "authors":
+            return self._forward_authors(tokens, need_weights)
         for block in self.token_blocks:
             tokens = block(tokens)
         batch = tokens.shape[0]
@@ -173,8 +250,12 @@ class MulCon(nn.Module):
         # One Linear(D, 1) per label f_c^j, stored as one (L, D) weight so all run in one op.
         self.classifier_weight = nn.Parameter(torch.empty(num_labels, embed_dim))
         self.classifier_bias = nn.Parameter(torch.zeros(num_labels))
-        nn.init.uniform_(self.classifier_weight, -1 / math.sqrt(embed_dim), 1 / math.sqrt(embed_dim))
         self.projector = Projector(embed_dim, projection_dim)
+        if self.label_attention.attention_block == "authors":
+            nn.init.normal_(self.classifier_weight, 0.0, INIT_STD)
+            init_authors_weights(self.projector)
+        else:  # nn.Linear's default for each Linear(D, 1)
+            nn.init.uniform_(self.classifier_weight, -1 / math.sqrt(embed_dim), 1 / math.sqrt(embed_dim))
 
     def forward(self, images: torch.Tensor, need_attention: bool = False,
                 need_projections: bool = True) -> ModelOutput:
@@ -218,7 +299,7 @@ def build_model(config: ModelConfig, num_labels: int, label_level: bool, *,
         model = MulCon(num_labels, config.backbone, config.pretrained, config.embed_dim, config.num_heads,
                        config.projection_dim, token_self_attention=config.token_self_attention,
                        label_self_attention=config.label_self_attention, layer_norm=config.layer_norm,
-                       attention_scale=config.attention_scale)
+                       attention_scale=config.attention_scale, attention_block=config.attention_block)
     else:
         model = Baseline(num_labels, config.backbone, config.pretrained, config.projection_dim)
     return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -56,9 +56,10 @@ class Objective:
     def __call__(self, output, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.loss.classification == "asl":
             classification = asymmetric_loss(output.logits, targets, self.loss.asl_gamma_pos,
-                                             self.loss.asl_gamma_neg, self.loss.asl_clip)
+                                             self.loss.asl_gamma_neg, self.loss.asl_clip,
+                                             reduction=self.loss.bce_reduction)
         else:
-            classification = bce_loss(output.logits, targets)
+            classification = bce_loss(output.logits, targets, reduction=self.loss.bce_reduction)
         terms = {"bce": classification}
         if self.contrastive is not None:
             # Anchors, positives and denominators span the global batch of all training processes.
@@ -78,10 +79,14 @@ def train_loader(config: Config, step: Step) -> DataLoader:
     batch_size = config.pretrain.batch_size if step.stage == "pretrain" else config.finetune.batch_size
     batch_size = distributed.local_batch_size(batch_size)
     views = 2 if step.contrastive else 1
+    crop_scale = config.data.crop_scale if step.stage == "pretrain" else (1.0, 1.0)  # the authors: no crop in step 2
     if config.data.augment_device == "cuda":  # workers sample the augmentation, the device applies it
+        if crop_scale != (1.0, 1.0):
+            raise ConfigError("data.crop_scale: the batched augmentation of data.augment_device=cuda has no crop; "
+                              "set data.crop_scale=[1.0,1.0] or data.augment_device=cpu")
         transform = SampledAugmentation(config.data.image_size, config.data.randaugment)
     else:
-        transform = train_transform(config.data.image_size, config.data.randaugment)
+        transform = train_transform(config.data.image_size, config.data.randaugment, crop_scale)
     dataset = ManifestDataset(config.data.prepared_dir, "train", transform, views=views,
                               image_size=config.data.cache_size)
     sampler = EpochSampler(len(dataset), config.train.seed, batch_size=batch_size, drop_last=True,

@@ -63,3 +63,17 @@ def test_bad_params_file_names_file_and_key(tmp_path):
 def test_select_on_val_needs_a_validation_split():
     with pytest.raises(ConfigError, match="train.select_on_val: needs a validation split, but data.val_fraction is 0"):
         load_config(ROOT / "params.yaml", ["train.select_on_val=true", "data.val_fraction=0"])
+
+
+def test_every_key_is_in_params_yaml_every_preset_and_the_readme():
+    import yaml
+
+    keys = set(to_flat_dict(Config()))
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
+        values = yaml.safe_load(path.read_text())
+        written = {f"{section}.{name}" for section, items in values.items() for name in items}
+        assert written == keys, f"{path.name}: missing {sorted(keys - written)}"
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## The method as implemented")]
+    missing = [key for key in keys if f"`{key.split('.')[1]}`" not in table]
+    assert not missing, f"README's configuration table lacks {missing}"

@@ -115,3 +115,28 @@ def test_asymmetric_loss_reduces_to_bce_and_down_weights_easy_negatives():
     plain = asymmetric_loss(logits, targets, gamma_pos=0, gamma_neg=0, clip=0)
     assert float(plain) == pytest.approx(float(bce_loss(logits, targets)), rel=1e-5)
     assert float(asymmetric_loss(logits, targets)) < float(plain)
+
+
+def test_bce_reduction_sum_is_eq7_and_mean_averages_all_entries():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 3, generator=generator)
+    targets = (torch.rand(4, 3, generator=generator) < 0.5).float()
+    p = torch.sigmoid(logits)
+    entries = [-(float(targets[i, j]) * math.log(p[i, j]) + (1 - float(targets[i, j])) * math.log(1 - p[i, j]))
+               for i in range(4) for j in range(3)]
+    per_image = [sum(entries[3 * i:3 * i + 3]) for i in range(4)]
+    assert float(bce_loss(logits, targets, reduction="sum")) == pytest.approx(sum(per_image) / 4, rel=1e-6)
+    assert float(bce_loss(logits, targets, reduction="mean")) == pytest.approx(sum(entries) / 12, rel=1e-6)
+    assert float(bce_loss(logits, targets)) == float(bce_loss(logits, targets, reduction="sum"))  # Eq. 7 default
+    assert float(bce_loss(logits, targets, reduction="mean")) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(logits, targets)), rel=1e-6)  # PyTorch's default
+
+
+def test_asymmetric_loss_follows_the_reduction():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 8, generator=generator)
+    targets = (torch.rand(5, 8, generator=generator) < 0.3).float()
+    summed, mean = asymmetric_loss(logits, targets), asymmetric_loss(logits, targets, reduction="mean")
+    assert float(mean) == pytest.approx(float(summed) / 8, rel=1e-6)  # the sum over labels divided by L
+    with pytest.raises(ValueError, match=r"reduction: 'max' is not one of sum, mean"):
+        bce_loss(logits, targets, reduction="max")

@@ -14,6 +14,9 @@ VARIANTS = [
     {},
     {"attention_scale": "full", "layer_norm": True},
     {"token_self_attention": 2, "label_self_attention": 1, "layer_norm": True, "attention_scale": "head"},
+    {"attention_block": "authors"},
+    {"attention_block": "authors", "token_self_attention": 2, "label_self_attention": 1, "layer_norm": True,
+     "attention_scale": "full"},
 ]
 
 

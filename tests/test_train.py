@@ -76,9 +76,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_params, t
     calls = {"count": 0}
     real_bce = mulcon.train.bce_loss
 
-    def bce_turning_nan(logits, targets):
+    def bce_turning_nan(logits, targets, **options):
         calls["count"] += 1
-        loss = real_bce(logits, targets)
+        loss = real_bce(logits, targets, **options)
         return loss * float("nan") if calls["count"] > 2 else loss  # 2 batches per epoch: NaN in epoch 2
 
     monkeypatch.setattr(mulcon.train, "bce_loss", bce_turning_nan)

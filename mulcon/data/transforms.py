@@ -1,6 +1,7 @@
 """Image transforms (paper section 4, implementation details).
 
-Training: resize to a square, random horizontal flip, RandAugment. The authors' public code draws
+Training: resize to a square (or, in step 1 of the authors' recipe, a RandomResizedCrop of area
+`crop_scale`), random horizontal flip, RandAugment. The authors' public code draws
 the two views of an image independently with this same pipeline and no crop, so `ManifestDataset`
 simply calls it once per view. Evaluation: resize only. Both take PIL images and end with ImageNet
 normalisation, returning plain, contiguous float32 tensors (3, s, s).
@@ -54,17 +55,24 @@ def resize(image_size: int) -> Callable:
     return v2.Resize((image_size, image_size))
 
 
-def train_transform(image_size: int, randaugment: bool = True) -> Callable:
-    """Resize((s, s)) -> random horizontal flip -> RandAugment (optional) -> normalised tensor.
+def train_transform(image_size: int, randaugment: bool = True,
+                    crop_scale: tuple[float, float] = (1.0, 1.0)) -> Callable:
+    """Resize((s, s)) or RandomResizedCrop -> random horizontal flip -> RandAugment -> normalised tensor.
 
     Args:
         image_size: output side s in pixels (448 in the paper).
         randaugment: apply RandAugment (torchvision defaults: 2 ops, magnitude 9) on the PIL image.
+        crop_scale: (low, high) area fraction of RandomResizedCrop (default aspect ratios 3/4-4/3);
+            (1.0, 1.0), the paper's choice, is the plain resize (no crop at all).
 
     Returns:
         A callable mapping an RGB PIL image to a float32 tensor (3, s, s).
     """
-    steps: list[Callable] = [resize(image_size), v2.RandomHorizontalFlip()]
+    if tuple(crop_scale) == (1.0, 1.0):
+        first: Callable = resize(image_size)
+    else:
+        first = v2.RandomResizedCrop((image_size, image_size), scale=tuple(crop_scale))
+    steps: list[Callable] = [first, v2.RandomHorizontalFlip()]
     if randaugment:
         steps.append(v2.RandAugment())
     return v2.Compose(steps + [ToNormalisedTensor()])
