@@ -84,9 +84,13 @@ def image_contrastive_loss(projections: torch.Tensor, targets: torch.Tensor, tem
 
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: binary cross-entropy summed over the L labels of an image, averaged over images."""
-    per_label = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return per_label.sum(1).mean()
+    """Eq. 7: binary cross-entropy summed over the L labels of an image, averaged over images.
+
+    A target of -1 (ignored: VOC's difficult-only objects) adds nothing: neither positive nor negative.
+    """
+    kept = (targets >= 0).float()
+    per_label = F.binary_cross_entropy_with_logits(logits.float(), targets.float().clamp(min=0), reduction="none")
+    return (per_label * kept).sum(1).mean()
 
 
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: float = 0.0,
@@ -94,9 +98,10 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: floa
     """Asymmetric loss (Ben-Baruch et al., 2020), reduced like bce_loss.
 
     Negatives get a probability margin `clip` and a focusing exponent `gamma_neg`; positives
-    `gamma_pos`. With all three at 0 this is bce_loss.
+    `gamma_pos`. With all three at 0 this is bce_loss. Targets of -1 (ignored) add nothing.
     """
-    targets = targets.float()
+    kept = (targets >= 0).float()
+    targets = targets.float().clamp(min=0)
     probability = torch.sigmoid(logits.float())
     negative_probability = 1 - probability
     if clip > 0:
@@ -106,4 +111,4 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: floa
         chosen = probability * targets + negative_probability * (1 - targets)
         exponent = gamma_pos * targets + gamma_neg * (1 - targets)
         loss = loss * torch.pow(1 - chosen, exponent)
-    return -loss.sum(1).mean()
+    return -(loss * kept).sum(1).mean()
