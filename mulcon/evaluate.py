@@ -32,11 +32,12 @@ PR_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 def pr_curve_rows(scores: np.ndarray, targets: np.ndarray, classes: list[str]) -> list[tuple]:
     """(class, threshold, precision, recall) at 101 thresholds, per class and micro-averaged ("all")."""
     positives = targets > 0.5
+    kept = targets >= 0  # an ignored pair (-1) is neither a true nor a false positive
     actual = positives.sum(0)  # (L,)
     true_pos = np.empty((len(PR_THRESHOLDS), len(classes)), dtype=np.int64)
     pred_pos = np.empty_like(true_pos)
     for t, threshold in enumerate(PR_THRESHOLDS):  # a loop keeps memory at one (N, L) mask
-        predicted = scores >= threshold
+        predicted = (scores >= threshold) & kept
         true_pos[t], pred_pos[t] = (predicted & positives).sum(0), predicted.sum(0)
     rows = []
     columns = [(name, true_pos[:, c], pred_pos[:, c], actual[c]) for c, name in enumerate(classes)]
@@ -95,7 +96,7 @@ def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np
     pr_curve.png and, when `run_dir` holds per-stage histories, history.csv.
     """
     out_dir = Path(out_dir)
-    ap_rows = [(name, int(targets[:, c].sum()), "" if np.isnan(ap) else round(float(ap), 4))
+    ap_rows = [(name, int((targets[:, c] == 1).sum()), "" if np.isnan(ap) else round(float(ap), 4))
                for c, (name, ap) in enumerate(zip(classes, per_class_ap))]
     curves = pr_curve_rows(scores, targets, classes)
     write_text(out_dir / "per_class_ap.csv", _csv_text(["class", "positives", "ap"], ap_rows))
