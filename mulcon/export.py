@@ -56,7 +56,12 @@ def _check_images(scorer: Scorer, images: list[str] | None, seed: int = 0) -> li
     return [torch.randn(size, 3, scorer.image_size, scorer.image_size, generator=generator) for size in CHECK_BATCHES]
 
 
-def _largest_difference(path: Path, module: nn.Module, batches: list[torch.Tensor]) -> float:
+def check_onnx(path: str | Path, module: nn.Module, batches: list[torch.Tensor], tolerance: float = TOLERANCE) -> float:
+    """The largest |onnxruntime - PyTorch| over `batches` (each (B, 3, S, S)) for the ONNX file at `path`.
+
+    Raises:
+        ExportError: the difference exceeds `tolerance`, or the output shapes differ.
+    """
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -68,6 +73,8 @@ def _largest_difference(path: Path, module: nn.Module, batches: list[torch.Tenso
             if answer.shape != expected.shape:
                 raise ExportError(f"{path}: onnxruntime answered shape {answer.shape}, PyTorch {expected.shape}")
             largest = max(largest, float(np.abs(answer - expected).max()))
+    if not largest <= tolerance:
+        raise ExportError(f"{path}: onnxruntime differs from PyTorch by {largest:.3g} > {tolerance:g}")
     return largest
 
 
@@ -109,12 +116,12 @@ def export_onnx(model: str | Path, out: str | Path, *, images: list[str] | None 
         for key, value in metadata.items():
             graph.metadata_props.add(key=key, value=value)
         onnx.save(graph, str(temporary))
-        difference = _largest_difference(Path(temporary), module, batches)
+        try:
+            difference = check_onnx(temporary, module, batches, tolerance)
+        except ExportError as error:
+            raise ExportError(f"{out}: {str(error).split(': ', 1)[1]}; nothing written") from None
         logger.info("onnxruntime vs PyTorch on %d images: largest |difference| %.3g",
                     sum(len(batch) for batch in batches), difference)
-        if not difference <= tolerance:
-            raise ExportError(f"{out}: onnxruntime differs from PyTorch by {difference:.3g} > {tolerance:g}; "
-                              f"nothing written")
     return {"path": str(out), "max_abs_difference": difference, "classes": scorer.classes,
             "image_size": scorer.image_size, "thresholds": thresholds,
             "checked_images": sum(len(batch) for batch in batches)}

@@ -35,50 +35,67 @@ def mulcon(tmp_path: Path, *args: str, settings: list[str], environment: dict | 
     return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
 
 
-def test_voc2007_prepare_train_evaluate_calibrate_predict_export(tmp_path):
+@pytest.fixture(scope="module")
+def voc_run(tmp_path_factory):
+    """A mini-VOC prepared and trained for one epoch through the CLI: (folder, ground truth)."""
+    tmp_path = tmp_path_factory.mktemp("voc")
     truth = make_mini_voc(tmp_path / "data" / "voc2007")
-    settings = ["data.dataset=voc2007", "evaluate.calibrate=true"]
     for verb in ("prepare", "train"):
-        result = mulcon(tmp_path, verb, settings=settings)
+        result = mulcon(tmp_path, verb, settings=VOC)
         assert result.returncode == 0, result.stderr
-    prepared = tmp_path / "prepared" / "voc2007"
-    paths, targets = read_manifest(prepared, "test")
-    for path, row in zip(paths, targets):  # difficult-only classes are -1, the rest as annotated
-        image_id = Path(path).stem
-        assert np.flatnonzero(row == 1).tolist() == truth["labels"][image_id]
-        assert np.flatnonzero(row == -1).tolist() == truth["ignored"][image_id]
-    assert json.loads((prepared / "classes.json").read_text())[:3] == ["aeroplane", "bicycle", "bird"]
+    return tmp_path, truth
 
-    evaluated = mulcon(tmp_path, "evaluate", settings=settings)
+
+VOC = ["data.dataset=voc2007", "evaluate.calibrate=true"]
+
+
+def test_voc2007_manifests_mark_difficult_only_classes_ignored(voc_run):
+    tmp_path, truth = voc_run
+    prepared = tmp_path / "prepared" / "voc2007"
+    assert (prepared / "test.csv").read_text().startswith("image,labels,ignore\n")
+    for split in ("train", "val", "test"):
+        paths, targets = read_manifest(prepared, split)
+        for path, row in zip(paths, targets):  # difficult-only classes are -1, the rest as annotated
+            image_id = Path(path).stem
+            assert np.flatnonzero(row == 1).tolist() == truth["labels"][image_id]
+            assert np.flatnonzero(row == -1).tolist() == truth["ignored"][image_id]
+    assert json.loads((prepared / "classes.json").read_text())[:3] == ["aeroplane", "bicycle", "bird"]
+    # The model file carries thresholds chosen on val, one per class.
+    assert len(checkpoint.load(tmp_path / "runs" / "mulcon_bce" / "model.pt")["thresholds"]) == 20
+
+
+def test_voc2007_evaluate_reports_the_calibrated_row(voc_run):
+    tmp_path, _ = voc_run
+    evaluated = mulcon(tmp_path, "evaluate", settings=VOC)
     assert evaluated.returncode == 0, evaluated.stderr
     assert re.search(r"^\| calibrated on val \| - \|( [\d.]+ \|){6}$", evaluated.stdout, re.M), evaluated.stdout
-    metrics = json.loads((tmp_path / "reports" / "mulcon_bce" / "metrics.json").read_text())
+    reports = tmp_path / "reports" / "mulcon_bce"
+    metrics = json.loads((reports / "metrics.json").read_text())
     assert {"CF1", "OF1", "calibrated_CF1", "calibrated_OF1"} <= set(metrics)
-    saved = json.loads((tmp_path / "reports" / "mulcon_bce" / "thresholds.json").read_text())
-    model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
-    state = checkpoint.load(model_file)
-    assert saved["chosen_on"] == "val" and len(state["thresholds"]) == 20
+    saved = json.loads((reports / "thresholds.json").read_text())
+    state = checkpoint.load(tmp_path / "runs" / "mulcon_bce" / "model.pt")
+    assert saved["chosen_on"] == "val"
     assert list(saved["thresholds"].values()) == pytest.approx(state["thresholds"], abs=1e-6)
-    positives = [int(line.split(",")[1]) for line in
-                 (tmp_path / "reports" / "mulcon_bce" / "per_class_ap.csv").read_text().splitlines()[1:]]
+    _, targets = read_manifest(tmp_path / "prepared" / "voc2007", "test")
+    positives = [int(line.split(",")[1]) for line in (reports / "per_class_ap.csv").read_text().splitlines()[1:]]
     assert positives == (targets == 1).sum(0).tolist()  # ignored pairs are not positives
 
-    images = sorted(str(path) for path in (tmp_path / "data" / "voc2007").rglob("*.jpg"))[:3]
-    predicted = mulcon(tmp_path, "predict", *images, "--model", str(model_file), "--threshold", "calibrated",
-                       "--json", settings=settings)
-    assert predicted.returncode == 0, predicted.stderr
+
+def test_voc2007_predict_calibrated_and_onnx_export_within_1e4(voc_run):
+    from mulcon.export import _Probabilities, check_onnx
     from mulcon.serving import ImageClassifier, load_scorer
 
+    tmp_path, _ = voc_run
+    model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
+    images = sorted(str(path) for path in (tmp_path / "data" / "voc2007").rglob("*.jpg"))[:3]
     scorer = load_scorer(model_file)
-    for answer, scores in zip(json.loads(predicted.stdout), ImageClassifier(scorer).scores(images)):
-        chosen = {scorer.classes[j] for j in np.flatnonzero(scores >= np.asarray(state["thresholds"]))}
-        assert set(answer["labels"]) == chosen
+    classifier = ImageClassifier(scorer)
+    answers = classifier.predict(images, {"threshold": "calibrated"})
+    for labels, scores in zip(answers.labels, classifier.scores(images)):
+        assert set(labels) == {scorer.classes[j] for j in np.flatnonzero(scores >= np.asarray(scorer.thresholds))}
 
-    exported = mulcon(tmp_path, "export", "--model", str(model_file), "--format", "onnx", "--out",
-                      str(tmp_path / "model.onnx"), settings=settings)
-    assert exported.returncode == 0, exported.stderr
-    difference = float(re.search(r"largest \|difference\| (\S+)", exported.stdout).group(1))
-    assert difference <= 1e-4
+    result = export_onnx(model_file, tmp_path / "model.onnx", images=images)
+    assert result["max_abs_difference"] <= 1e-4 and result["checked_images"] == 3
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -87,52 +104,58 @@ def test_voc2007_prepare_train_evaluate_calibrate_predict_export(tmp_path):
         expected = scorer(batch).numpy()
     [answer] = session.run(None, {"images": batch.numpy()})  # a batch size the export never saw
     assert np.abs(answer - expected).max() <= 1e-4
-    with pytest.raises(ExportError, match="differs from PyTorch by"):  # the check can fail
-        export_onnx(model_file, tmp_path / "strict.onnx", tolerance=-1.0)
-    assert not (tmp_path / "strict.onnx").exists()
+
+    class Shifted(_Probabilities):  # a PyTorch side that differs by 1e-3: the check must fail
+        def forward(self, images):
+            return super().forward(images) + 1e-3
+
+    with pytest.raises(ExportError, match=r"differs from PyTorch by 0.001 > 0.0001"):
+        check_onnx(tmp_path / "model.onnx", Shifted(scorer.network).eval(), [batch])
 
 
-def test_folder_dataset_trains_registers_and_serves_calibrated_thresholds(tmp_path):
+def test_folder_dataset_trains_evaluates_registers_and_serves_calibrated(tmp_path):
+    from mulcon.config import load_config
+    from mulcon.data.preparation import prepare
+    from mulcon.evaluate import evaluate_model
+
     make_folder(tmp_path / "data" / "photos", spreadsheet=True)  # BOM and CRLF, as spreadsheets save
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}",
                    "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     settings = ["data.dataset=folder", "data.name=photos", "tracking.system_metrics=false"]
-    prepared = mulcon(tmp_path, "prepare", settings=settings)
-    assert prepared.returncode == 0, prepared.stderr
-    info = json.loads((tmp_path / "prepared" / "photos" / "info.json").read_text())
+    info = prepare("folder", tmp_path / "data" / "photos", tmp_path / "prepared" / "photos", val_fraction=0.2)
     assert info["counts"] == {"train": 26, "val": 6, "test": 8}  # 20% test, then 20% of the rest val
     assert json.loads((tmp_path / "prepared" / "photos" / "classes.json").read_text()) == ["beach", "cat", "dog", "snow"]
     trained = mulcon(tmp_path, "train", settings=[*settings, "tracking.enabled=true"], environment=environment)
     assert trained.returncode == 0, trained.stderr
-    evaluated = mulcon(tmp_path, "evaluate", settings=[*settings, "evaluate.calibrate=true"])
-    assert evaluated.returncode == 0 and "| calibrated on val |" in evaluated.stdout, evaluated.stderr
+    config = load_config(ROOT / "params.yaml", [*TINY, *ONE_EPOCH, *settings, f"data.root={tmp_path / 'data'}",
+                                                f"data.prepared_root={tmp_path / 'prepared'}", "evaluate.calibrate=true"])
+    model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
+    metrics = evaluate_model(config, model_file, tmp_path / "reports")
+    assert metrics["num_images"] == 8 and 0 <= metrics["calibrated_OF1"] <= 100
 
-    exported = mulcon(tmp_path, "export", "--model", "models:/mulcon-folder/1", "--out", str(tmp_path / "m.onnx"),
-                      "--register", settings=[*settings, "tracking.enabled=true"], environment=environment)
+    exported = mulcon(tmp_path, "export", "--model", "models:/mulcon-folder/1", "--format", "onnx", "--out",
+                      str(tmp_path / "m.onnx"), "--register", settings=[*settings, "tracking.enabled=true"],
+                      environment=environment)
     assert exported.returncode == 0, exported.stderr
-    assert "attached to mulcon-folder version 1" in exported.stdout
+    difference = float(re.search(r"largest \|difference\| (\S+) \(limit 1e-04\)", exported.stdout).group(1))
+    assert difference <= 1e-4 and "attached to mulcon-folder version 1" in exported.stdout
     os.environ["MLFLOW_TRACKING_URI"] = environment["MLFLOW_TRACKING_URI"]
     try:
         import mlflow
-
-        client = mlflow.MlflowClient()
-        artifact = client.get_model_version("mulcon-folder", "1").tags["onnx"]
-        downloaded = mlflow.artifacts.download_artifacts(artifact, dst_path=str(tmp_path / "download"))
-        assert Path(downloaded).read_bytes() == (tmp_path / "m.onnx").read_bytes()
         import pandas as pd
 
-        from mulcon.serving import encode_image
+        from mulcon.serving import ImageClassifier, encode_image, load_scorer
 
+        artifact = mlflow.MlflowClient().get_model_version("mulcon-folder", "1").tags["onnx"]
+        downloaded = mlflow.artifacts.download_artifacts(artifact, dst_path=str(tmp_path / "download"))
+        assert Path(downloaded).read_bytes() == (tmp_path / "m.onnx").read_bytes()
         served = mlflow.pyfunc.load_model("models:/mulcon-folder/1")
-        images = sorted((tmp_path / "data" / "photos" / "images").rglob("*.jpg"))[:4]
-        frame = pd.DataFrame({"image": [encode_image(path) for path in images]})
-        answer = served.predict(frame, params={"calibrated": True})
+        images = sorted(str(path) for path in (tmp_path / "data" / "photos" / "images").rglob("*.jpg"))[:4]
+        answer = served.predict(pd.DataFrame({"image": [encode_image(path) for path in images]}),
+                                params={"calibrated": True})
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-    from mulcon.serving import ImageClassifier, load_scorer
-
-    model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
     thresholds = np.asarray(checkpoint.load(model_file)["thresholds"])
     scorer = load_scorer(model_file)
-    for labels, scores in zip(answer["labels"], ImageClassifier(scorer).scores([str(path) for path in images])):
+    for labels, scores in zip(answer["labels"], ImageClassifier(scorer).scores(images)):
         assert set(labels) == {scorer.classes[j] for j in np.flatnonzero(scores >= thresholds)}
