@@ -113,26 +113,45 @@ def test_voc2007_predict_calibrated_and_onnx_export_within_1e4(voc_run):
         check_onnx(tmp_path / "model.onnx", Shifted(scorer.network).eval(), [batch])
 
 
-def test_folder_dataset_trains_evaluates_registers_and_serves_calibrated(tmp_path):
-    from mulcon.config import load_config
-    from mulcon.data.preparation import prepare
-    from mulcon.evaluate import evaluate_model
+FOLDER = ["data.dataset=folder", "data.name=photos", "tracking.system_metrics=false"]
 
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A labelled folder (spreadsheet-saved labels.csv) prepared, and trained for one epoch through
+    the CLI with MLflow tracking: (folder, environment with MLFLOW_TRACKING_URI)."""
+    from mulcon.data.preparation import prepare
+
+    tmp_path = tmp_path_factory.mktemp("folder")
     make_folder(tmp_path / "data" / "photos", spreadsheet=True)  # BOM and CRLF, as spreadsheets save
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}",
                    "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    settings = ["data.dataset=folder", "data.name=photos", "tracking.system_metrics=false"]
+    settings = FOLDER
     info = prepare("folder", tmp_path / "data" / "photos", tmp_path / "prepared" / "photos", val_fraction=0.2)
     assert info["counts"] == {"train": 26, "val": 6, "test": 8}  # 20% test, then 20% of the rest val
     assert json.loads((tmp_path / "prepared" / "photos" / "classes.json").read_text()) == ["beach", "cat", "dog", "snow"]
     trained = mulcon(tmp_path, "train", settings=[*settings, "tracking.enabled=true"], environment=environment)
     assert trained.returncode == 0, trained.stderr
+    return tmp_path, environment
+
+
+def test_folder_dataset_evaluates_with_calibration(folder_run):
+    from mulcon.config import load_config
+    from mulcon.evaluate import evaluate_model
+
+    tmp_path, _ = folder_run
+    settings = FOLDER
     config = load_config(ROOT / "params.yaml", [*TINY, *ONE_EPOCH, *settings, f"data.root={tmp_path / 'data'}",
                                                 f"data.prepared_root={tmp_path / 'prepared'}", "evaluate.calibrate=true"])
     model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
     metrics = evaluate_model(config, model_file, tmp_path / "reports")
     assert metrics["num_images"] == 8 and 0 <= metrics["calibrated_OF1"] <= 100
 
+
+def test_folder_model_exported_registered_and_served_with_calibrated_thresholds(folder_run):
+    tmp_path, environment = folder_run
+    settings = FOLDER
+    model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
     exported = mulcon(tmp_path, "export", "--model", "models:/mulcon-folder/1", "--format", "onnx", "--out",
                       str(tmp_path / "m.onnx"), "--register", settings=[*settings, "tracking.enabled=true"],
                       environment=environment)
