@@ -115,3 +115,15 @@ def test_asymmetric_loss_reduces_to_bce_and_down_weights_easy_negatives():
     plain = asymmetric_loss(logits, targets, gamma_pos=0, gamma_neg=0, clip=0)
     assert float(plain) == pytest.approx(float(bce_loss(logits, targets)), rel=1e-5)
     assert float(asymmetric_loss(logits, targets)) < float(plain)
+
+
+def test_ignored_targets_add_nothing_to_bce_and_asl():
+    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[1, 0, -1, 0, 1], [0, -1, 1, 0, 0], [1, 1, 0, -1, 0], [0, 0, 0, 0, 1]]).float()
+    kept = targets >= 0
+    per_label = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.clamp(min=0), reduction="none")
+    assert bce_loss(logits, targets) == pytest.approx(float((per_label * kept).sum(1).mean()), rel=1e-6)
+    # Moving an ignored logit changes nothing, for BCE and for ASL.
+    moved = torch.where(kept, logits, logits + 5.0)
+    assert bce_loss(moved, targets) == pytest.approx(float(bce_loss(logits, targets)), rel=1e-6)
+    assert asymmetric_loss(moved, targets) == pytest.approx(float(asymmetric_loss(logits, targets)), rel=1e-6)
