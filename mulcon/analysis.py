@@ -206,7 +206,7 @@ def run_analysis(config: Config, models: dict[str, Path], out_dir: str | Path) -
     rng = np.random.default_rng(config.analysis.seed)
     sample = np.sort(rng.permutation(len(dataset))[: config.analysis.tsne_images])
     tsne_figure(out_dir / "tsne.png", embeddings, targets, classes, sample, config.analysis.seed)
-    multi = [int(i) for i in rng.permutation(len(dataset)) if targets[i].sum() >= 2] or [0]
+    multi = [int(i) for i in rng.permutation(len(dataset)) if (targets[i] > 0.5).sum() >= 2] or [0]
     query = multi[0]
     labels = [int(j) for j in np.flatnonzero(targets[query] > 0.5)]
     size = config.data.image_size

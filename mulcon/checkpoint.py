@@ -33,9 +33,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path}: cannot read checkpoint ({error})") from error
+        # Not torch's message: it advises turning weights_only off, which would run the file's code.
+        raise CheckpointError(f"{path}: not a mulcon model or checkpoint file (torch.load failed: "
+                              f"{type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a mulcon model or checkpoint file (holds a {type(state).__name__})")
+    return state
 
 
 def rng_states() -> dict[str, Any]:

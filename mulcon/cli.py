@@ -1,4 +1,4 @@
-"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report,analyze,predict,promote} --params params.yaml [-S key=value ...]`.
+"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report,analyze,predict,promote,export} --params params.yaml [-S key=value ...]`.
 
 DVC stages and Kubeflow components call these same verbs. Bad input (a mistyped key, a missing
 dataset, a corrupt annotation file) prints one line naming the file, line or key, and exits 2.
@@ -37,7 +37,8 @@ def prepare(config: Config, args: argparse.Namespace) -> None:
     from mulcon.data.preparation import prepare as run
 
     report = run(config.data.dataset, config.data.raw_dir, config.data.prepared_dir,
-                 val_fraction=config.data.val_fraction, seed=config.train.seed)
+                 val_fraction=config.data.val_fraction, seed=config.train.seed,
+                 test_fraction=config.data.test_fraction)
     logger.info("prepared %s in %s: %s", config.data.dataset, config.data.prepared_dir,
                 json.dumps(report.get("counts", {})))
     if config.data.cache:
@@ -110,7 +111,7 @@ def predict(config: Config, args: argparse.Namespace) -> None:
     from mulcon.serving import ImageClassifier, load_scorer
 
     model = args.model or Path(config.train.out_root) / config.train.variant / "model.pt"
-    threshold = config.evaluate.threshold if args.threshold is None else args.threshold
+    threshold = config.evaluate.threshold if args.threshold is None else args.threshold  # a number or "calibrated"
     answers = ImageClassifier(load_scorer(model)).predict(args.images, {"threshold": threshold})
     if args.json:
         print(json.dumps([{"image": image, "labels": row.labels, "scores": row.scores}
@@ -121,13 +122,26 @@ def predict(config: Config, args: argparse.Namespace) -> None:
         for label, score in zip(row.labels, row.scores):
             print(f"  {label:<20} {score:.3f}")
         if not row.labels:
-            print(f"  (no label scores >= {threshold})")
+            print(f"  (no label scores >= {'its calibrated threshold' if threshold == 'calibrated' else threshold})")
 
 
 def promote(config: Config, args: argparse.Namespace) -> None:
     from mulcon.registry import promote_trained
 
     print(json.dumps(promote_trained(config, args.margin), indent=2))
+
+
+def export(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.export import export_onnx, register_onnx
+
+    model = args.model or Path(config.train.out_root) / config.train.variant / "model.pt"
+    result = export_onnx(model, args.out, images=args.images)
+    print(f"wrote {result['path']}: {len(result['classes'])} labels at {result['image_size']} px, dynamic batch; "
+          f"onnxruntime vs PyTorch on {result['checked_images']} images: largest |difference| "
+          f"{result['max_abs_difference']:.2e} (limit 1e-04)")
+    if args.register:
+        registered = register_onnx(str(model), result["path"])
+        print(f"attached to {registered['model']} version {registered['version']}: {registered['onnx']}")
 
 
 COMMANDS = {
@@ -140,7 +154,17 @@ COMMANDS = {
     "analyze": (analyze, "t-SNE, retrieval and attention figures and retrieval precision@k (section 4.4)"),
     "promote": (promote, "make the registered model of train.variant challenger, and champion when its val mAP "
                          "beats the champion's by --margin points"),
+    "export": (export, "write the model as ONNX (images -> probabilities, dynamic batch), checked with onnxruntime"),
 }
+
+
+def _threshold(text: str) -> float | str:
+    if text == "calibrated":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'calibrated', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG files")
             sub.add_argument("--model", help="model.pt or MLflow URI such as models:/mulcon-demo@champion "
                                              "(default: <train.out_root>/<train.variant>/model.pt)")
-            sub.add_argument("--threshold", type=float, help="default: evaluate.threshold")
+            sub.add_argument("--threshold", type=_threshold,
+                             help="a probability, or 'calibrated' for the per-class thresholds chosen on val "
+                                  "and saved with the model (default: evaluate.threshold)")
             sub.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "analyze":
             sub.add_argument("--model", help="MulCon model (default: <train.out_root>/mulcon/model.pt)")
@@ -170,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out-dir", help="default: <evaluate.out_root>/analysis")
         if name == "promote":
             sub.add_argument("--margin", type=float, default=0.0, help="val mAP points a new model must gain")
+        if name == "export":
+            sub.add_argument("--model", help="model.pt or MLflow URI such as models:/mulcon-demo/1 "
+                                             "(default: <train.out_root>/<train.variant>/model.pt)")
+            sub.add_argument("--format", choices=("onnx",), default="onnx", help="only onnx")
+            sub.add_argument("--out", default="model.onnx", help="output file (default: model.onnx)")
+            sub.add_argument("--images", nargs="+", metavar="IMAGE",
+                             help="image files to check on (default: seeded noise batches of 1 and 3)")
+            sub.add_argument("--register", action="store_true",
+                             help="attach the file to the registered version --model names (models:/name/version)")
         if name == "evaluate":
             sub.add_argument("--model", help="model file (default: <train.out_root>/<train.variant>/model.pt)")
             sub.add_argument("--out-dir", help="default: <evaluate.out_root>/<train.variant>")

@@ -17,15 +17,17 @@ import yaml
 
 from mulcon.errors import ConfigError
 
-DATASETS = ("demo", "coco2014", "nuswide")
+DATASETS = ("demo", "coco2014", "nuswide", "voc2007", "folder")
 BACKBONES = ("resnet18", "resnet50", "resnet101")
 VARIANTS = ("backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain", "mulcon")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "demo"  # demo | coco2014 | nuswide: raw data in <root>/<dataset>
+    dataset: str = "demo"  # demo | coco2014 | nuswide | voc2007 | folder: raw data in <root>/<dataset>
     root: str = "data"  # raw data folder, versioned by data.dvc
+    name: str = ""  # dataset folder: raw data in <root>/<name>, manifests in <prepared_root>/<name>
+    test_fraction: float = 0.2  # dataset folder without a split column: seeded share of images made test
     prepared_root: str = "prepared"  # prepare writes manifests to <prepared_root>/<dataset>
     image_size: int = 448  # training and evaluation resolution (square)
     val_fraction: float = 0.1  # validation split carved from train; 0 disables it
@@ -40,12 +42,17 @@ class DataConfig:
     crop_scale: tuple[float, float] = (1.0, 1.0)
 
     @property
+    def folder_name(self) -> str:
+        """The folder under root and prepared_root: data.name for a folder dataset, else the dataset."""
+        return self.name if self.dataset == "folder" else self.dataset
+
+    @property
     def raw_dir(self) -> Path:
-        return Path(self.root) / self.dataset
+        return Path(self.root) / self.folder_name
 
     @property
     def prepared_dir(self) -> Path:
-        return Path(self.prepared_root) / self.dataset
+        return Path(self.prepared_root) / self.folder_name
 
     @property
     def cache_size(self) -> int | None:
@@ -138,6 +145,7 @@ class TrainConfig:
 class EvaluateConfig:
     split: str = "test"  # train | val | test
     threshold: float = 0.5  # probability threshold of CP/CR/CF1/OP/OR/OF1
+    calibrate: bool = False  # also report CF1/OF1 at per-class thresholds chosen on val (max F1); saves thresholds.json
     batch_size: int = 64
     out_root: str = "reports"  # metrics and per-class AP in <out_root>/<variant>
 
@@ -287,6 +295,12 @@ def config_from_dict(values: dict[str, Any], overrides: Iterable[str] = ()) -> C
     if config.pretrain.warmup_epochs and config.pretrain.schedule != "cosine":
         raise ConfigError(f"pretrain.warmup_epochs: {config.pretrain.warmup_epochs} needs pretrain.schedule=cosine "
                           "(the one-cycle schedule has its own warm-up)")
+    if not 0 < config.data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction: must be in (0, 1), got {config.data.test_fraction}")
+    name = config.data.name
+    if config.data.dataset == "folder" and (not name or name in (".", "..") or "/" in name or "\\" in name):
+        raise ConfigError(f"data.name: dataset folder needs the name of a folder under data.root "
+                          f"(as in -S data.name=my_photos), got {name!r}")
     return config
 
 

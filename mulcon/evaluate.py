@@ -2,7 +2,9 @@
 
 The numbers are those of the model file given (the final model of a run, or a checkpoint
 selected on the validation split, which the model file then says); nothing here chooses a model
-by looking at the test split.
+by looking at the test split. With `evaluate.calibrate`, per-class thresholds are chosen on the
+validation split (each maximising its class's F1) and the threshold metrics at them are reported
+beside, never instead of, those at `evaluate.threshold`.
 """
 
 from __future__ import annotations
@@ -18,25 +20,28 @@ import numpy as np
 
 from mulcon.config import Config
 from mulcon.data.dataset import load_classes
-from mulcon.errors import CheckpointError
+from mulcon.errors import CheckpointError, ConfigError
 from mulcon.inference import eval_loader, load_model, predict_scores
 from mulcon.io import atomic_path, write_json, write_text
-from mulcon.metrics import average_precision, multilabel_metrics
+from mulcon.metrics import average_precision, calibrate_thresholds, multilabel_metrics
 from mulcon.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
 PR_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+CALIBRATED_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+THRESHOLDS_NAME = "thresholds.json"
 
 
 def pr_curve_rows(scores: np.ndarray, targets: np.ndarray, classes: list[str]) -> list[tuple]:
     """(class, threshold, precision, recall) at 101 thresholds, per class and micro-averaged ("all")."""
     positives = targets > 0.5
+    kept = targets >= 0  # an ignored pair (-1) is neither a true nor a false positive
     actual = positives.sum(0)  # (L,)
     true_pos = np.empty((len(PR_THRESHOLDS), len(classes)), dtype=np.int64)
     pred_pos = np.empty_like(true_pos)
     for t, threshold in enumerate(PR_THRESHOLDS):  # a loop keeps memory at one (N, L) mask
-        predicted = scores >= threshold
+        predicted = (scores >= threshold) & kept
         true_pos[t], pred_pos[t] = (predicted & positives).sum(0), predicted.sum(0)
     rows = []
     columns = [(name, true_pos[:, c], pred_pos[:, c], actual[c]) for c, name in enumerate(classes)]
@@ -95,7 +100,7 @@ def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np
     pr_curve.png and, when `run_dir` holds per-stage histories, history.csv.
     """
     out_dir = Path(out_dir)
-    ap_rows = [(name, int(targets[:, c].sum()), "" if np.isnan(ap) else round(float(ap), 4))
+    ap_rows = [(name, int((targets[:, c] == 1).sum()), "" if np.isnan(ap) else round(float(ap), 4))
                for c, (name, ap) in enumerate(zip(classes, per_class_ap))]
     curves = pr_curve_rows(scores, targets, classes)
     write_text(out_dir / "per_class_ap.csv", _csv_text(["class", "positives", "ap"], ap_rows))
@@ -130,13 +135,36 @@ def evaluate_model(config: Config, model_path: str | Path, out_dir: str | Path |
                               f"{config.data.prepared_dir} has {len(classes)}")
     scores, targets = predict_scores(model, loader, device, config.train.precision, progress="evaluate")
     metrics = multilabel_metrics(scores, targets, threshold=config.evaluate.threshold)
+    thresholds = None
+    if config.evaluate.calibrate:
+        thresholds = validation_thresholds(config, model, device)
+        calibrated = multilabel_metrics(scores, targets, threshold=thresholds)
+        metrics.update({f"calibrated_{key}": calibrated[key] for key in CALIBRATED_KEYS})
     metrics = {key: round(value, 4) for key, value in metrics.items()}
     metrics.update(split=config.evaluate.split, num_images=int(len(scores)), variant=state.get("variant"),
                    selected_on=state.get("selected_on", "final"))
     if out_dir is not None:
         write_reports(out_dir, metrics, average_precision(scores, targets), scores, targets, classes,
                       run_dir=Path(model_path).parent)
+        if thresholds is not None:
+            write_json(Path(out_dir) / THRESHOLDS_NAME,
+                       {"chosen_on": "val", "rule": "max F1 per class", "default": config.evaluate.threshold,
+                        "model": str(model_path), "thresholds": dict(zip(classes, map(float, thresholds)))})
     return metrics
+
+
+def validation_thresholds(config: Config, model, device) -> np.ndarray:
+    """(L,) per-class thresholds maximising each class's F1 on the val split (never on test).
+
+    Raises:
+        ConfigError: the prepared data has no val images (data.val_fraction is 0).
+    """
+    loader = eval_loader(config, "val", config.evaluate.batch_size)
+    if len(loader.dataset) == 0:
+        raise ConfigError("evaluate.calibrate: needs a validation split, but the prepared val split is empty "
+                          "(set data.val_fraction > 0 and prepare again)")
+    scores, targets = predict_scores(model, loader, device, config.train.precision, progress="calibrate on val")
+    return calibrate_thresholds(scores, targets, default=config.evaluate.threshold)
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -145,4 +173,6 @@ def format_table(metrics: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(["", *keys]) + " |", "|" + "---|" * (len(keys) + 1),
              "| all | " + " | ".join(f"{metrics[k]:.1f}" for k in keys) + " |",
              "| top-3 | - | " + " | ".join(f"{metrics[k + '_top3']:.1f}" for k in keys[1:]) + " |"]
+    if "calibrated_CF1" in metrics:  # thresholds chosen per class on val, reported on this split
+        lines.append("| calibrated on val | - | " + " | ".join(f"{metrics['calibrated_' + k]:.1f}" for k in keys[1:]) + " |")
     return "\n".join(lines)

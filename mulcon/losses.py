@@ -101,15 +101,17 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum"
 
     Args:
         logits: (B, L) float scores s_ij (computed in fp32 here).
-        targets: (B, L) in {0, 1}.
+        targets: (B, L) in {0, 1}, or -1 for an ignored pair (VOC's difficult-only objects), which
+            adds nothing: neither positive nor negative.
         reduction: `sum` (Eq. 7: summed over labels, averaged over images) or `mean` (averaged
             over all B x L entries, as in the authors' code; the same loss divided by L). Under SGD
             the reduction scales every gradient step, so learning rates come with a reduction.
     Returns:
         Scalar.
     """
-    per_label = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return _reduce(per_label, reduction)
+    kept = (targets >= 0).float()
+    per_label = F.binary_cross_entropy_with_logits(logits.float(), targets.float().clamp(min=0), reduction="none")
+    return _reduce(per_label * kept, reduction)
 
 
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: float = 0.0,
@@ -118,9 +120,10 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: floa
     """Asymmetric loss (Ben-Baruch et al., 2020), reduced like bce_loss (same `reduction`).
 
     Negatives get a probability margin `clip` and a focusing exponent `gamma_neg`; positives
-    `gamma_pos`. With all three at 0 this is bce_loss.
+    `gamma_pos`. With all three at 0 this is bce_loss. Targets of -1 (ignored) add nothing.
     """
-    targets = targets.float()
+    kept = (targets >= 0).float()
+    targets = targets.float().clamp(min=0)
     probability = torch.sigmoid(logits.float())
     negative_probability = 1 - probability
     if clip > 0:
@@ -130,4 +133,4 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: floa
         chosen = probability * targets + negative_probability * (1 - targets)
         exponent = gamma_pos * targets + gamma_neg * (1 - targets)
         loss = loss * torch.pow(1 - chosen, exponent)
-    return _reduce(-loss, reduction)
+    return _reduce(-(loss * kept), reduction)

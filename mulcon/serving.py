@@ -4,7 +4,10 @@ A registered model is a `Scorer` (images to label probabilities) saved with MLfl
 flavour, so `mlflow.pytorch.load_model` gives the module back; its `python_function` flavour is
 replaced by this module's loader, so `mlflow.pyfunc.load_model` and `mlflow models serve` take
 images (base64-encoded JPEG/PNG strings, or file paths, in a column `image`) and answer label
-names and scores above a threshold.
+names and scores above a threshold: `params={"threshold": 0.3}`, or `params={"calibrated": true}` for
+the per-class thresholds chosen on the validation split at training (MLflow gives each param one
+type, so the float `threshold` cannot also take the word "calibrated"; `predict --threshold
+calibrated` and `ImageClassifier.predict` take it).
 """
 
 from __future__ import annotations
@@ -28,17 +31,21 @@ from mulcon.inference import load_model
 from mulcon.mlflow_client import connect
 
 DEFAULT_THRESHOLD = 0.5
+CALIBRATED = "calibrated"
 
 
 class Scorer(nn.Module):
     """Wraps a trained MulCon or Baseline: images (B, 3, S, S) float32 -> probabilities (B, L).
 
     MLflow's PyTorch flavour loads it back as this module (`scorer.network` is the trained network).
+    `thresholds` are the per-class thresholds saved with the model (chosen on val), or None.
     """
 
-    def __init__(self, network: nn.Module, classes: list[str], image_size: int):
+    def __init__(self, network: nn.Module, classes: list[str], image_size: int,
+                 thresholds: list[float] | None = None):
         super().__init__()
         self.network, self.classes, self.image_size = network, list(classes), image_size
+        self.thresholds = None if thresholds is None else [float(value) for value in thresholds]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.network(images).logits)
@@ -71,7 +78,7 @@ def load_scorer(model: str | Path) -> Scorer:
     (`models:/mulcon-demo@champion`, `models:/mulcon-demo/3`, `runs:/<id>/model`)."""
     if Path(model).is_file():
         network, state = load_model(model)
-        return Scorer(network, state["classes"], state["config"]["data"]["image_size"]).eval()
+        return Scorer(network, state["classes"], state["config"]["data"]["image_size"], state.get("thresholds")).eval()
     mlflow, _ = connect()
     try:
         return mlflow.pytorch.load_model(str(model), map_location="cpu").eval()
@@ -98,8 +105,27 @@ class ImageClassifier:
         with torch.no_grad():
             return torch.cat([self.scorer(batch) for batch in batches]).numpy() if batches else np.zeros((0, len(self.scorer.classes)))
 
+    def threshold(self, params: dict[str, Any] | None) -> np.ndarray:
+        """(L,) thresholds from the params: `threshold` (a number, or "calibrated") and `calibrated`.
+
+        Raises:
+            MulconError: calibrated thresholds are asked for but the model has none (it was
+                trained without a val split), or the threshold is neither a number nor "calibrated".
+        """
+        params = params or {}
+        value = params.get("threshold", DEFAULT_THRESHOLD)
+        if params.get("calibrated") or value == CALIBRATED:
+            thresholds = getattr(self.scorer, "thresholds", None)  # older pickled scorers lack it
+            if thresholds is None:
+                raise MulconError("this model has no calibrated thresholds (it was trained without a val split)")
+            return np.asarray(thresholds)
+        try:
+            return np.full(len(self.scorer.classes), float(value))
+        except (TypeError, ValueError):
+            raise MulconError(f"threshold {value!r}: expected a number or {CALIBRATED!r}") from None
+
     def predict(self, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        threshold = float((params or {}).get("threshold", DEFAULT_THRESHOLD))
+        threshold = self.threshold(params)
         if isinstance(model_input, pd.DataFrame):
             column = "image" if "image" in model_input.columns else model_input.columns[0]
             images = model_input[column].tolist()
@@ -126,7 +152,7 @@ class _PyfuncModel:
 
         try:
             return self.classifier.predict(model_input, params)
-        except BadImage as error:
+        except MulconError as error:  # a bad image or an impossible threshold: the client's fault
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
 
 
@@ -165,7 +191,7 @@ def log_model(scorer: Scorer, *, name: str, registered_model_name: str | None, m
     example_image.save(buffer, format="PNG")
     example = pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")]})
     output = ImageClassifier(scorer).predict(example, {"threshold": 0.0})
-    signature = infer_signature(example, output, params={"threshold": DEFAULT_THRESHOLD})
+    signature = infer_signature(example, output, params={"threshold": DEFAULT_THRESHOLD, "calibrated": False})
     return Model.log(None, mulcon.serving, name=name, registered_model_name=registered_model_name,
                      await_registration_for=60, metadata=metadata, scorer=scorer, signature=signature,
                      input_example=example, code_paths=[str(Path(mulcon.__file__).parent)])

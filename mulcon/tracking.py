@@ -161,14 +161,15 @@ class Tracker:
             if Path(path).exists():
                 self.mlflow.log_artifact(str(path), folder)
 
-    def log_model(self, network, image_size: int, classes: list[str]) -> str:
+    def log_model(self, network, image_size: int, classes: list[str], thresholds: list[float] | None = None) -> str:
         """Log the trained network as a `mulcon.serving.Scorer` and register it as mulcon-<dataset>.
 
         Returns:
             The registered model version.
         """
         name = f"mulcon-{self.config.data.dataset}"
-        info = log_model(Scorer(network.cpu().eval(), classes, image_size), name="model", registered_model_name=name,
+        info = log_model(Scorer(network.cpu().eval(), classes, image_size, thresholds), name="model",
+                         registered_model_name=name,
                          metadata={"classes": classes, "variant": self.config.train.variant})
         version = str(info.registered_model_version)
         self.client.set_model_version_tag(name, version, "variant", self.config.train.variant)
@@ -202,7 +203,7 @@ def track_training(config: Config, stage: str, train: Callable[[Callable], Path]
         if finished and config.tracking.register_model and "model_version" not in tracker.tags_now():
             tracker.log_artifacts([final.parent / step.stage / "history.json" for step in plan.steps], "history")
             network, state = load_model(final)
-            version = tracker.log_model(network, config.data.image_size, state["classes"])
+            version = tracker.log_model(network, config.data.image_size, state["classes"], state.get("thresholds"))
             tracker.mlflow.set_tag("model_version", version)
             logger.info("registered mulcon-%s version %s (run %s)", config.data.dataset, version, tracker.run_id)
     return final

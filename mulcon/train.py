@@ -37,7 +37,7 @@ from mulcon.inference import eval_loader, predict_scores
 from mulcon.runtime import autocast, resolve_device
 from mulcon.io import atomic_path, write_json
 from mulcon.losses import asymmetric_loss, bce_loss, image_contrastive_loss, label_contrastive_loss
-from mulcon.metrics import multilabel_metrics
+from mulcon.metrics import calibrate_thresholds, multilabel_metrics
 from mulcon.model import build_model
 from mulcon.optim import ModelEma, build_optimizer, build_scheduler
 from mulcon.variants import Plan, Step, plan_variant
@@ -143,20 +143,25 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, objective: Objective, 
     return {**means, "seconds": seconds, "images_per_second": images_seen / max(seconds, 1e-9)}
 
 
-def _validate(model: nn.Module, val: DataLoader | None, device: torch.device, config: Config) -> dict[str, float]:
+def _validate(model: nn.Module, val: DataLoader | None, device: torch.device,
+              config: Config) -> tuple[dict[str, float], list[float] | None]:
+    """Val mAP, CF1 and OF1, and the per-class thresholds that maximise each class's F1 on val
+    (saved with the model for `predict --threshold calibrated`); ({}, None) without a val split."""
     if val is None:
-        return {}
+        return {}, None
     scores, targets = predict_scores(model, val, device, config.train.precision)
     metrics = multilabel_metrics(scores, targets, config.evaluate.threshold)
-    return {f"val_{key}": metrics[key] for key in ("mAP", "CF1", "OF1")}
+    thresholds = calibrate_thresholds(scores, targets, default=config.evaluate.threshold)
+    return {f"val_{key}": metrics[key] for key in ("mAP", "CF1", "OF1")}, [float(value) for value in thresholds]
 
 
 def _model_file(model: nn.Module, config: Config, plan: Plan, step: Step, classes: list[str],
-                epoch: int, selected_on: str, val: dict[str, float]) -> dict[str, Any]:
+                epoch: int, selected_on: str, val: dict[str, float],
+                thresholds: list[float] | None) -> dict[str, Any]:
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}  # a snapshot
     return {"model": weights, "config": to_dict(config), "code": code_fingerprint("train"), "classes": classes,
             "label_level": plan.label_level, "variant": plan.variant, "stage": step.stage,
-            "epoch": epoch, "selected_on": selected_on, "val": val}
+            "epoch": epoch, "selected_on": selected_on, "val": val, "thresholds": thresholds}
 
 
 class StageRun:
@@ -253,6 +258,7 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
     if config.train.compile:  # the forward only: `model` keeps its parameters and state-dict keys
         network = torch.compile(network, mode=config.train.compile_mode)
     objective = Objective(config, step.contrastive)
+    thresholds = None  # those of the last validated epoch
     for epoch in range(start, step.epochs):
         loader.sampler.set_epoch(epoch)
         lr = run.optimizer.param_groups[0]["lr"]
@@ -260,11 +266,12 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
                                  device, config, run.scaler, run.ema, epoch)
         if not run.step_per_batch:
             run.scheduler.step()
-        record = {"stage": step.stage, "epoch": epoch + 1, "lr": lr, **record,
-                  **_validate(run.evaluated_model(), val, device, config)}
+        val_metrics, thresholds = _validate(run.evaluated_model(), val, device, config)
+        record = {"stage": step.stage, "epoch": epoch + 1, "lr": lr, **record, **val_metrics}
         run.history.append(record)
         if config.train.select_on_val and val is not None and (run.best is None or record["val_mAP"] > run.best["val"]["val_mAP"]):
-            run.best = _model_file(run.evaluated_model(), config, plan, step, classes, epoch + 1, "val", record)
+            run.best = _model_file(run.evaluated_model(), config, plan, step, classes, epoch + 1, "val", record,
+                                   thresholds)
         if not distributed.is_main():
             continue  # the other processes hold the same weights
         checkpoint.save(path, run.state(epoch + 1))
@@ -274,7 +281,10 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
         if callback is not None:
             callback(record)
     last = run.history[-1] if run.history else {}
-    result = run.best or _model_file(run.evaluated_model(), config, plan, step, classes, step.epochs, "final", last)
+    if run.best is None and thresholds is None and val is not None:  # resumed after the last epoch
+        thresholds = _validate(run.evaluated_model(), val, device, config)[1]
+    result = run.best or _model_file(run.evaluated_model(), config, plan, step, classes, step.epochs, "final", last,
+                                     thresholds)
     if distributed.is_main():
         checkpoint.save(out_dir / "model.pt", result)
     distributed.barrier()

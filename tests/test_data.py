@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -320,7 +321,7 @@ def test_prepare_failure_leaves_existing_output_untouched(prepared, demo_root, t
     with pytest.raises(DataError):
         prepare("nuswide", empty, out)
 
-    def failing_manifest(records):
+    def failing_manifest(records, with_ignore):
         raise OSError("disk full")
 
     monkeypatch.setattr(prepare_module, "_manifest_text", failing_manifest)
@@ -331,7 +332,7 @@ def test_prepare_failure_leaves_existing_output_untouched(prepared, demo_root, t
 
 
 def test_prepare_rejects_bad_arguments(demo_root, tmp_path):
-    expected = "unknown dataset 'imagenet'; expected one of demo, coco2014, nuswide"
+    expected = "unknown dataset 'imagenet'; expected one of demo, coco2014, nuswide, voc2007, folder"
     with pytest.raises(DataError, match=expected):
         prepare("imagenet", demo_root, tmp_path / "out")
     with pytest.raises(DataError, match=r"holds no demo set .*make_demo"):
@@ -409,3 +410,163 @@ def test_manifest_dataset_substitutes_an_unreadable_image(prepared, demo_root, t
         (raw / path).unlink()
     with pytest.raises(DataError, match="could be loaded"):
         dataset[0]
+
+
+def test_read_manifest_reads_the_ignore_column(tmp_path):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "classes.json").write_text(json.dumps(["a", "b", "c"]))
+    (folder / "train.csv").write_text("image,labels,ignore\nx.jpg,0,2\ny.jpg,1,\nz.jpg,1,1\n")
+    with pytest.raises(DataError, match=r"train\.csv:4: label 1 is both positive and ignored"):
+        read_manifest(folder, "train")
+    (folder / "train.csv").write_text("image,labels,ignore\nx.jpg,0,2\ny.jpg,1,\n")
+    np.testing.assert_array_equal(read_manifest(folder, "train")[1], [[1, 0, -1], [0, 1, 0]])
+
+
+# ---------------------------------------------------------------- VOC-2007, folders, bad input by trying
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from mulcon.data.folder import read_folder  # noqa: E402
+from mulcon.data.voc import read_voc  # noqa: E402
+from tests.conftest import BIN, ROOT  # noqa: E402
+from tests.owndata_sets import make_folder, make_mini_voc  # noqa: E402
+
+
+def cli_error(tmp_path: Path, *args: str) -> str:
+    """Run the CLI, expect exit 2, return its one error line (without the 'error: ' prefix)."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "mulcon", *args, "--params", str(ROOT / "params.yaml"),
+                             "-S", "tracking.enabled=false", "-S", f"data.prepared_root={tmp_path / 'prepared'}"],
+                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0].removeprefix("error: ")
+
+
+def prepare_error(tmp_path: Path, dataset: str, *settings: str) -> str:
+    extra = [item for setting in settings for item in ("-S", setting)]
+    message = cli_error(tmp_path, "prepare", "-S", f"data.dataset={dataset}", "-S", f"data.root={tmp_path / 'data'}",
+                        *extra)
+    assert not (tmp_path / "prepared").exists()  # no partial output
+    return message
+
+
+def test_read_voc_keeps_devkit_order_and_ignores_difficult_only_classes(tmp_path):
+    truth = make_mini_voc(tmp_path, num_trainval=8, num_test=4)
+    classes, splits, report = read_voc(tmp_path)
+    assert len(classes) == 20 and classes[-1] == "tvmonitor" and classes[14] == "person"
+    for path, positive, ignored in splits["train"] + splits["test"]:
+        assert (positive, ignored) == (truth["labels"][Path(path).stem], truth["ignored"][Path(path).stem])
+    assert report["ignored_pairs"] == {"train": 2, "test": 1}
+
+
+def test_read_voc_bad_annotations_name_the_file(tmp_path):
+    make_mini_voc(tmp_path, num_trainval=4, num_test=2)
+    annotation = tmp_path / "VOCdevkit" / "VOC2007" / "Annotations" / "000002.xml"
+    annotation.write_text("<annotation><object><name>unicorn</name></object></annotation>")
+    with pytest.raises(DataError, match=r"000002\.xml: object 1 has class 'unicorn'"):
+        read_voc(tmp_path)
+    annotation.write_text("<annotation>\n<object>")
+    with pytest.raises(DataError, match=r"000002\.xml:2: not valid XML"):
+        read_voc(tmp_path)
+    with pytest.raises(DataError, match=r"expected folder .*JPEGImages: download VOCtrainval_06-Nov-2007\.tar"):
+        shutil.rmtree(tmp_path / "VOCdevkit" / "VOC2007" / "JPEGImages")
+        read_voc(tmp_path)
+
+
+def test_voc_id_in_both_splits_and_outside_paths_are_refused_through_the_cli(tmp_path):
+    make_mini_voc(tmp_path / "data" / "voc2007", num_trainval=4, num_test=2)
+    lists = tmp_path / "data" / "voc2007" / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    (lists / "test.txt").write_text("000005\n000002\n")
+    assert re.search(r"test\.txt:2: image '000002' is listed again in another split \(first at .*trainval\.txt:2\)",
+                     prepare_error(tmp_path, "voc2007"))
+    (lists / "test.txt").write_text("000005\n../../../../etc/hostname\n")
+    assert re.search(r"test\.txt:2: image path '\.\./\.\./\.\./\.\./etc/hostname' points outside the dataset folder",
+                     prepare_error(tmp_path, "voc2007"))
+
+
+def test_read_folder_classes_txt_and_split_column(tmp_path):
+    make_folder(tmp_path, num_images=10, split_column=True)
+    (tmp_path / "classes.txt").write_text("snow\ndog\ncat\nbeach\nzebra\n")
+    classes, splits, report = read_folder(tmp_path, carve_test=None)
+    assert classes == ["snow", "dog", "cat", "beach", "zebra"]  # classes.txt's order, unused ones kept
+    assert {split: len(records) for split, records in splits.items()} == {"train": 6, "val": 2, "test": 2}
+    (tmp_path / "classes.txt").write_text("snow\ndog\n")
+    with pytest.raises(DataError, match=r"labels\.csv:\d+: label '(beach|cat)' is not in .*classes\.txt"):
+        read_folder(tmp_path, carve_test=None)
+
+
+def test_folder_test_split_is_carved_by_seed(tmp_path):
+    make_folder(tmp_path / "photos", num_images=20)
+    first = prepare("folder", tmp_path / "photos", tmp_path / "a", seed=3, test_fraction=0.25)
+    again = prepare("folder", tmp_path / "photos", tmp_path / "b", seed=3, test_fraction=0.25)
+    other = prepare("folder", tmp_path / "photos", tmp_path / "c", seed=4, test_fraction=0.25)
+    assert first["counts"]["test"] == 5
+    assert (tmp_path / "a" / "test.csv").read_text() == (tmp_path / "b" / "test.csv").read_text()
+    assert (tmp_path / "a" / "test.csv").read_text() != (tmp_path / "c" / "test.csv").read_text()
+    assert other["counts"] == first["counts"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ("../secret.jpg,cat", r"labels\.csv:3: image path '\.\./secret\.jpg' points outside the dataset folder"),
+    ("/etc/hostname,cat", r"labels\.csv:3: image path '/etc/hostname' points outside the dataset folder"),
+    ("home/000.jpg,dog", r"labels\.csv:3: image 'home/000\.jpg' is listed again with different labels "
+                         r"\(first at .*labels\.csv:2\)"),
+])
+def test_folder_bad_rows_exit_2_through_the_cli(tmp_path, row, message):
+    root = make_folder(tmp_path / "data" / "photos", num_images=3, spreadsheet=True)
+    lines = (root / "labels.csv").read_bytes().decode("utf-8").split("\r\n")
+    lines[1] = "home/000.jpg,cat"  # a known first row
+    lines.insert(2, row)
+    (root / "labels.csv").write_bytes("\r\n".join(lines).encode("utf-8"))
+    assert re.search(message, prepare_error(tmp_path, "folder", "data.name=photos"))
+
+
+def test_data_name_is_required_for_a_folder_dataset(tmp_path):
+    assert "data.name: dataset folder needs the name of a folder under data.root" in prepare_error(tmp_path, "folder")
+
+
+def test_nuswide_reads_spreadsheet_csv_and_refuses_bad_rows_through_the_cli(tmp_path):
+    root = nuswide_root(tmp_path / "data", NUS_ROWS, ["a.jpg", "b.jpg", "c.jpg"])
+    text = (root / "nus_wid_data.csv").read_text()
+    (root / "nus_wid_data.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    classes, splits, _ = read_nuswide(root)  # a byte-order mark and CRLF line endings
+    assert classes == ["clouds", "sky", "water", "zebra"] and len(splits["train"]) == 2
+    (root / "nus_wid_data.csv").write_text(text + "/etc/hostname,\"['sky']\",train\n")
+    assert re.search(r"nus_wid_data\.csv:6: image path '/etc/hostname' points outside the dataset folder",
+                     prepare_error(tmp_path, "nuswide"))
+    (root / "nus_wid_data.csv").write_text(text + "a.jpg,\"['water']\",train\n")
+    assert re.search(r"nus_wid_data\.csv:6: image 'a\.jpg' is listed again with different labels "
+                     r"\(first at .*nus_wid_data\.csv:2\)", prepare_error(tmp_path, "nuswide"))
+
+
+def test_coco_outside_paths_and_conflicting_duplicates_are_refused(tmp_path):
+    document = small_coco()
+    document["images"][1]["file_name"] = "../../b.jpg"
+    annotation_file = write_coco(tmp_path / "instances.json", document)
+    with pytest.raises(DataError, match=r"instances\.json: images\[1\]: image path '\.\./\.\./b\.jpg' points outside"):
+        read_coco(annotation_file, tmp_path / "train2014")
+    document = small_coco()
+    document["images"][1]["file_name"] = "a.jpg"  # image 3 (category 7) reuses image 9's file
+    write_coco(annotation_file, document)
+    with pytest.raises(DataError, match=r"images\[0\]: image 'a\.jpg' is listed again with different labels "
+                                        r"\(first at .*images\[1\]\)"):
+        read_coco(annotation_file, tmp_path / "train2014")
+
+
+@pytest.mark.parametrize("content", ["bytes", "pickle"])
+def test_a_file_that_is_no_model_gives_one_short_line(tmp_path, content):
+    import argparse
+
+    path = tmp_path / "model.pt"
+    if content == "bytes":
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+    else:
+        torch.save({"model": argparse.Namespace(a=1)}, path)  # weights_only refuses the pickled class
+    message = cli_error(tmp_path, "evaluate", "--model", str(path))
+    assert message.startswith(f"{path}: not a mulcon model or checkpoint file")
+    assert "weights_only" not in message and len(message) < 200

@@ -15,7 +15,7 @@ LAYERS = [
     {"mulcon.inference"},
     {"mulcon.train", "mulcon.evaluate", "mulcon.analysis", "mulcon.report"},
     {"mulcon.mlflow_client"},
-    {"mulcon.serving", "mulcon.tracking", "mulcon.registry"},
+    {"mulcon.serving", "mulcon.tracking", "mulcon.registry", "mulcon.export"},
     {"mulcon.cli", "mulcon.launch", "mulcon.__main__"},
 ]
 

@@ -140,3 +140,15 @@ def test_asymmetric_loss_follows_the_reduction():
     assert float(mean) == pytest.approx(float(summed) / 8, rel=1e-6)  # the sum over labels divided by L
     with pytest.raises(ValueError, match=r"reduction: 'max' is not one of sum, mean"):
         bce_loss(logits, targets, reduction="max")
+
+
+def test_ignored_targets_add_nothing_to_bce_and_asl():
+    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[1, 0, -1, 0, 1], [0, -1, 1, 0, 0], [1, 1, 0, -1, 0], [0, 0, 0, 0, 1]]).float()
+    kept = targets >= 0
+    per_label = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.clamp(min=0), reduction="none")
+    assert bce_loss(logits, targets) == pytest.approx(float((per_label * kept).sum(1).mean()), rel=1e-6)
+    # Moving an ignored logit changes nothing, for BCE and for ASL.
+    moved = torch.where(kept, logits, logits + 5.0)
+    assert bce_loss(moved, targets) == pytest.approx(float(bce_loss(logits, targets)), rel=1e-6)
+    assert asymmetric_loss(moved, targets) == pytest.approx(float(asymmetric_loss(logits, targets)), rel=1e-6)

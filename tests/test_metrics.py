@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from mulcon.metrics import average_precision, multilabel_metrics
+from mulcon.metrics import average_precision, calibrate_thresholds, multilabel_metrics
 
 THRESHOLD_KEYS = ["CP", "CR", "CF1", "OP", "OR", "OF1"]
 
@@ -171,3 +171,54 @@ def test_bad_input_raises_value_error(scores, targets, message):
         average_precision(scores, targets)
     with pytest.raises(ValueError, match=message):
         multilabel_metrics(scores, targets)
+
+
+def _ignored_problem(seed=11, num_images=200, num_labels=6):
+    scores, targets = _random_problem(seed, num_images, num_labels)
+    ignored = np.random.default_rng(seed + 1).random(targets.shape) < 0.15
+    return scores, np.where(ignored, -1, targets), ignored
+
+
+def test_average_precision_with_ignored_pairs_matches_sklearn_on_the_kept_rows():
+    scores, targets, ignored = _ignored_problem()
+    expected = [100 * average_precision_score(targets[~ignored[:, label], label], scores[~ignored[:, label], label])
+                for label in range(targets.shape[1])]
+    np.testing.assert_allclose(average_precision(scores, targets), expected, rtol=1e-12)
+    # The same ignore state given as {0, 1} targets plus a mask.
+    np.testing.assert_allclose(average_precision(scores, targets.clip(min=0), mask=~ignored), expected, rtol=1e-12)
+
+
+def test_ignored_pairs_count_in_no_threshold_count():
+    scores = np.array([[0.9, 0.6], [0.8, 0.2], [0.7, 0.7]])
+    targets = np.array([[1, -1], [-1, 0], [0, 1]])
+    # label 0 keeps rows 0 and 2: Np = 2 (both >= 0.5), Nc = 1, Ng = 1
+    # label 1 keeps rows 1 and 2: Np = 1 (row 2), Nc = 1, Ng = 1; row 0's 0.6 is not a false positive
+    # CP = (1/2 + 1) / 2 = 3/4; CR = 1; OP = 2/3; OR = 1
+    metrics = multilabel_metrics(scores, targets)
+    expected = {"CP": 75.0, "CR": 100.0, "CF1": 100 * 2 * 0.75 / 1.75, "OP": 200 / 3, "OR": 100.0, "OF1": 80.0}
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected, rel=1e-12)
+
+
+def test_an_ignored_score_changes_nothing():
+    scores, targets, ignored = _ignored_problem(seed=3)
+    moved = np.where(ignored, np.random.default_rng(0).random(scores.shape), scores)
+    keys = ["mAP", *THRESHOLD_KEYS]  # in the top-3 metrics an ignored label still takes its place in the ranking
+    before, after = multilabel_metrics(scores, targets), multilabel_metrics(moved, targets)
+    assert {key: after[key] for key in keys} == pytest.approx({key: before[key] for key in keys}, rel=1e-12)
+
+
+def test_calibrated_thresholds_maximise_each_labels_f1():
+    scores, targets, ignored = _ignored_problem(seed=5, num_images=80, num_labels=4)
+    thresholds = calibrate_thresholds(scores, targets)
+
+    def f1(label, threshold):
+        keep = ~ignored[:, label]
+        predicted, positive = scores[keep, label] >= threshold, targets[keep, label] == 1
+        return 2 * (predicted & positive).sum() / (predicted.sum() + positive.sum())
+
+    for label in range(4):  # a brute-force search over every score as a threshold
+        best = max(f1(label, candidate) for candidate in scores[:, label])
+        assert f1(label, thresholds[label]) == pytest.approx(best, rel=1e-12)
+    # Per-label thresholds are accepted by the metrics; a label with no positive keeps the default.
+    assert calibrate_thresholds(scores, np.zeros_like(targets), default=0.4).tolist() == [0.4] * 4
+    assert multilabel_metrics(scores, targets, threshold=thresholds)["CF1"] >= multilabel_metrics(scores, targets)["CF1"] - 1e-9

@@ -13,12 +13,12 @@ import logging
 import os
 from pathlib import Path
 
+from mulcon.data.records import DuplicateCheck, Record, check_inside
 from mulcon.errors import DataError
 from mulcon.io import read_json
 
 logger = logging.getLogger(__name__)
 
-Record = tuple[str, list[int]]
 SPLIT_FILES = {
     "train": ("instances_train2014.json", "train2014"),
     "test": ("instances_val2014.json", "val2014"),  # val2014 is the test split, as in the paper
@@ -74,15 +74,19 @@ def _read(annotation_file: Path, image_dir: Path) -> tuple[list[str], list[Recor
     category_ids = sorted(coco.getCatIds())
     classes = [coco.loadCats(category_id)[0]["name"] for category_id in category_ids]
     index_of = {category_id: index for index, category_id in enumerate(category_ids)}
-    records, unannotated = [], 0
+    records, unannotated, duplicates = [], 0, DuplicateCheck()
+    position_of = {image["id"]: position for position, image in enumerate(document["images"])}
     for image_id in sorted(coco.getImgIds()):
+        file_name = coco.loadImgs(image_id)[0]["file_name"]
+        where = f"{annotation_file}: images[{position_of[image_id]}]"
+        check_inside(str(file_name), where)
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
         if not annotations:
             unannotated += 1
             continue
         labels = sorted({index_of[annotation["category_id"]] for annotation in annotations})
-        file_name = coco.loadImgs(image_id)[0]["file_name"]
-        records.append((f"{image_dir.name}/{file_name}", labels))
+        if duplicates.is_new(file_name, tuple(labels), where):
+            records.append((f"{image_dir.name}/{file_name}", labels))
     if unannotated:
         logger.info("%s: skipped %d of %d images without annotations",
                     annotation_file, unannotated, len(coco.getImgIds()))

@@ -1,6 +1,8 @@
 """Prepared manifests: class names, the per-split image lists with multi-hot targets, info.json.
 
-Targets are the paper's y_ij in {0, 1} (section 3): one row per image, one column per label.
+Targets are the paper's y_ij in {0, 1} (section 3): one row per image, one column per label, and
+-1 where a manifest's optional third column `ignore` marks a label as neither positive nor
+negative for the image (VOC-2007's difficult objects; see `mulcon.metrics`).
 """
 
 from __future__ import annotations
@@ -58,12 +60,13 @@ def read_manifest(prepared_dir: str | os.PathLike, split: str) -> tuple[list[str
 
     Returns:
         paths: image paths relative to the raw dataset root, in manifest order.
-        targets: float32 array (N, L) with 1 where the image has the label; N may be 0 (an empty
-            val split).
+        targets: float32 array (N, L) with 1 where the image has the label, -1 where the label is
+            ignored for it (the `ignore` column), 0 elsewhere; N may be 0 (an empty val split).
 
     Raises:
         DataError: unknown split, missing manifest, a wrong header, or a row with a bad label
-            index (the message names file and 1-based line, the header being line 1).
+            index or a label both positive and ignored (the message names file and 1-based line,
+            the header being line 1).
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -74,16 +77,23 @@ def read_manifest(prepared_dir: str | os.PathLike, split: str) -> tuple[list[str
     paths, rows = [], []
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
-        if next(reader, None) != ["image", "labels"]:
-            raise DataError(f"{path}:1: expected the header 'image,labels'")
+        header = next(reader, None)
+        if header not in (["image", "labels"], ["image", "labels", "ignore"]):
+            raise DataError(f"{path}:1: expected the header 'image,labels' or 'image,labels,ignore'")
         for fields in reader:
-            if len(fields) != 2 or not fields[0]:
-                raise DataError(f"{path}:{reader.line_num}: expected 'image,labels', got {fields!r}")
+            if len(fields) != len(header) or not fields[0]:
+                raise DataError(f"{path}:{reader.line_num}: expected '{','.join(header)}', got {fields!r}")
             paths.append(fields[0])
-            rows.append(_parse_labels(fields[1], num_labels, path, reader.line_num))
+            labels = _parse_labels(fields[1], num_labels, path, reader.line_num)
+            ignored = _parse_labels(fields[2], num_labels, path, reader.line_num) if len(fields) > 2 else []
+            if set(labels) & set(ignored):
+                raise DataError(f"{path}:{reader.line_num}: label {sorted(set(labels) & set(ignored))[0]} "
+                                f"is both positive and ignored")
+            rows.append((labels, ignored))
     targets = np.zeros((len(rows), num_labels), dtype=np.float32)
-    for row, labels in enumerate(rows):
+    for row, (labels, ignored) in enumerate(rows):
         targets[row, labels] = 1.0
+        targets[row, ignored] = -1.0
     return paths, targets
 
 

@@ -9,16 +9,15 @@ longer downloadable from Flickr, so missing files are counted, reported and skip
 from __future__ import annotations
 
 import ast
-import csv
 import logging
 import os
 from pathlib import Path
 
+from mulcon.data.records import DuplicateCheck, Record, check_inside, csv_rows
 from mulcon.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-Record = tuple[str, list[int]]
 CSV_NAME = "nus_wid_data.csv"
 SPLITS = {"train": "train", "val": "test"}  # csv split value -> our split
 COLUMNS = ("filename", "label", "split")
@@ -40,25 +39,17 @@ def _parse_label(text: str, csv_file: Path, line: int) -> list[str]:
     return value
 
 
-def _read_rows(csv_file: Path) -> list[tuple[str, list[str], str]]:
-    """Rows as (filename, concept names, our split); errors name the file and 1-based line."""
-    try:
-        handle = open(csv_file, newline="", encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"expected {csv_file}: " + DOWNLOAD_HINT.format(root=csv_file.parent)) from None
-    rows = []
-    with handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(
-                f"{csv_file}:1: header lacks column '{missing[0]}' (expected {', '.join(COLUMNS)})"
-            )
-        try:
-            for row in reader:
-                rows.append(_parse_row(row, csv_file, reader.line_num))  # the header is line 1
-        except (csv.Error, UnicodeDecodeError) as error:
-            raise DataError(f"{csv_file}:{reader.line_num + 1}: cannot parse: {error}") from None
+def _read_rows(csv_file: Path) -> list[tuple[str, list[str], str, int]]:
+    """Rows as (filename, concept names, our split, line); errors name the file and 1-based line.
+
+    A filename listed twice with the same labels is read once; with different labels it is an error.
+    """
+    rows, duplicates = [], DuplicateCheck()
+    for line, row in csv_rows(csv_file, COLUMNS, DOWNLOAD_HINT.format(root=csv_file.parent)):
+        filename, names, split = _parse_row(row, csv_file, line)
+        check_inside(filename, f"{csv_file}:{line}")
+        if duplicates.is_new(filename, (tuple(sorted(set(names))), split), f"{csv_file}:{line}"):
+            rows.append((filename, names, split, line))
     return rows
 
 
@@ -91,11 +82,11 @@ def read_nuswide(root: str | os.PathLike) -> tuple[list[str], dict[str, list[Rec
     root = Path(root)
     csv_file = root / CSV_NAME
     rows = _read_rows(csv_file)
-    classes = sorted({name for _, names, _ in rows for name in names})
+    classes = sorted({name for _, names, _, _ in rows for name in names})
     index_of = {name: index for index, name in enumerate(classes)}
     splits: dict[str, list[Record]] = {split: [] for split in SPLITS.values()}
     missing, unlabelled = [], 0
-    for filename, names, split in rows:
+    for filename, names, split, _ in rows:
         if not names:
             unlabelled += 1
             continue

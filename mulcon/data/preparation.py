@@ -3,8 +3,11 @@
 Output folder (written all or nothing):
 - `classes.json`: class names in label-index order.
 - `train.csv`, `val.csv`, `test.csv`: columns `image,labels`; image path relative to the raw dataset
-  root, labels = space-separated label indices. val is carved from train (the paper reports on the
-  official test split: val2014 for COCO, "val" rows for NUS-WIDE).
+  root, labels = space-separated label indices. A dataset with an ignore state (VOC-2007's
+  difficult objects) adds a third column `ignore`: the space-separated indices of labels that are
+  neither positive nor negative for the image; manifests without it read as before. val is carved
+  from train (the paper reports on the official test split: val2014 for COCO, "val" rows for
+  NUS-WIDE, `test` for VOC-2007) unless the reader gives one (a folder dataset's split column).
 - `info.json`: dataset, image_root, counts and labels per image per split, skipped files with reasons.
 """
 
@@ -23,26 +26,33 @@ from PIL import Image
 from tqdm import tqdm
 
 from mulcon.data.coco import read_dataset_with_report
+from mulcon.data.folder import read_folder
 from mulcon.data.nuswide import read_nuswide
+from mulcon.data.records import Record
+from mulcon.data.voc import read_voc
 from mulcon.data.staging import check_replaceable, staged_directory
 from mulcon.errors import ConfigError, DataError
 from mulcon.io import write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-Record = tuple[str, list[int]]
-DATASETS = ("demo", "coco2014", "nuswide")
+DATASETS = ("demo", "coco2014", "nuswide", "voc2007", "folder")
 SPLITS = ("train", "val", "test")
 INFO_NAME = "info.json"  # written last; also marks the folder as replaceable by a later run
 MANIFEST_HEADER = ("image", "labels")
 CHECK_WORKERS = 16  # opening images is I/O bound: threads hide disk and network-filesystem latency
 
 
-def _read_raw(dataset: str, raw_dir: Path) -> tuple[list[str], dict[str, list[Record]], dict]:
+def _read_raw(dataset: str, raw_dir: Path, test_fraction: float,
+              seed: int) -> tuple[list[str], dict[str, list[Record]], dict]:
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     if dataset == "nuswide":
         return read_nuswide(raw_dir)
+    if dataset == "voc2007":
+        return read_voc(raw_dir)
+    if dataset == "folder":
+        return read_folder(raw_dir, lambda records: carve_validation(records, test_fraction, seed))
     if dataset == "demo" and not (raw_dir / "annotations").is_dir():
         raise DataError(f"{raw_dir} holds no demo set (no annotations/): create it with make_demo first")
     return read_dataset_with_report(raw_dir)  # the demo set uses the COCO-2014 layout
@@ -99,18 +109,20 @@ def carve_validation(records: list[Record], val_fraction: float,
     return train, val
 
 
-def _manifest_text(records: list[Record]) -> str:
+def _manifest_text(records: list[Record], with_ignore: bool) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_HEADER)
-    writer.writerows((image, " ".join(map(str, labels))) for image, labels in records)
+    writer.writerow(MANIFEST_HEADER + (("ignore",) if with_ignore else ()))
+    for image, labels, *ignored in records:
+        row = [image, " ".join(map(str, labels))]
+        writer.writerow(row + [" ".join(map(str, ignored[0] if ignored else []))] if with_ignore else row)
     return buffer.getvalue()
 
 
 def _info(dataset: str, raw_dir: Path, splits: dict, skipped: list[dict], reader_report: dict,
           num_classes: int, val_fraction: float, seed: int) -> dict:
     def labels_per_image(records: list[Record]) -> float | None:
-        return round(sum(len(labels) for _, labels in records) / len(records), 4) if records else None
+        return round(sum(len(record[1]) for record in records) / len(records), 4) if records else None
 
     return {
         "dataset": dataset, "image_root": str(raw_dir), "num_classes": num_classes,
@@ -123,16 +135,20 @@ def _info(dataset: str, raw_dir: Path, splits: dict, skipped: list[dict], reader
 
 
 def prepare(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-            val_fraction: float = 0.1, seed: int = 0) -> dict:
+            val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.2) -> dict:
     """Read a raw dataset, drop unusable images, carve a val split and write manifests to `out_dir`.
 
     Args:
-        dataset: "demo" (the `make_demo` output, read as COCO-2014), "coco2014" or "nuswide".
+        dataset: "demo" (the `make_demo` output, read as COCO-2014), "coco2014", "nuswide",
+            "voc2007" (the devkit layout under `raw_dir/VOCdevkit/VOC2007`) or "folder"
+            (`raw_dir/labels.csv` and `raw_dir/images/`, see `mulcon.data.folder`).
         raw_dir: the raw dataset root; manifest image paths are relative to it.
         out_dir: the prepared folder; replaced only if everything succeeds.
         val_fraction: share of the (filtered) train images moved to val, in [0, 1); 0 gives an
             empty val split.
-        seed: seeds the choice of val images.
+        seed: seeds the choice of val images (and of a folder dataset's test images).
+        test_fraction: share of a folder dataset's images carved as test when its labels.csv has
+            no split column; unused otherwise.
 
     Returns:
         The `info.json` content: counts and labels per image per split, skipped images with reasons.
@@ -146,10 +162,13 @@ def prepare(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     raw_dir = Path(raw_dir)
     check_replaceable(Path(out_dir), INFO_NAME)  # fail before the long image check, not after
-    classes, raw_splits, reader_report = _read_raw(dataset, raw_dir)
+    classes, raw_splits, reader_report = _read_raw(dataset, raw_dir, test_fraction, seed)
     kept, skipped = _filter_images(raw_dir, raw_splits)
-    splits = dict(zip(("train", "val"), carve_validation(kept["train"], val_fraction, seed)))
-    splits["test"] = kept["test"]
+    if "val" in kept:  # the reader's own val split (a folder dataset's split column)
+        splits = dict(kept)
+    else:
+        splits = dict(zip(("train", "val"), carve_validation(kept["train"], val_fraction, seed)))
+        splits["test"] = kept["test"]
     for split in ("train", "test"):
         if not splits[split]:
             missing = reader_report.get("missing_images", 0)  # files the reader already left out
@@ -159,8 +178,9 @@ def prepare(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
     info = _info(dataset, raw_dir, splits, skipped, reader_report, len(classes), val_fraction, seed)
     with staged_directory(out_dir, marker=INFO_NAME) as staging:
         write_json(staging / "classes.json", classes)
+        with_ignore = any(len(record) > 2 and record[2] for records in splits.values() for record in records)
         for split in SPLITS:
-            write_text(staging / f"{split}.csv", _manifest_text(splits[split]))
+            write_text(staging / f"{split}.csv", _manifest_text(splits[split], with_ignore))
         write_json(staging / INFO_NAME, info)
     logger.info("prepared %s in %s: %s", dataset, out_dir, info["counts"])
     return info
