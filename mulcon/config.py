@@ -57,8 +57,9 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet101"  # resnet18 | resnet50 | resnet101 (torchvision)
-    pretrained: bool = True  # ImageNet weights through torchvision's loader
+    backbone: str = "resnet101"  # resnet18 | resnet50 | resnet101 (torchvision) | timm:<name> (mulcon.backbones)
+    pretrained: bool = True  # ImageNet weights through torchvision's or timm's own loader
+    weights_file: str = ""  # a local state dict loaded into the backbone, or package:efficientnet_lite0; "" none
     embed_dim: int = 1024  # D, width of the label-level embeddings
     num_heads: int = 4  # h in Eq. 2
     projection_dim: int = 128  # d_z, output of the contrastive projector
@@ -156,7 +157,6 @@ class Config:
 
 CHOICES = {
     "data.dataset": DATASETS,
-    "model.backbone": BACKBONES,
     "model.attention_scale": ("none", "head", "full"),
     "loss.classification": ("bce", "asl"),
     "train.variant": VARIANTS,
@@ -240,6 +240,9 @@ def config_from_dict(values: dict[str, Any], overrides: Iterable[str] = ()) -> C
             f"model.embed_dim: {config.model.embed_dim} is not divisible by model.num_heads "
             f"{config.model.num_heads}"
         )
+    backbone = config.model.backbone
+    if backbone not in BACKBONES and not (backbone.startswith("timm:") and len(backbone) > len("timm:")):
+        raise ConfigError(f"model.backbone: {backbone!r} is not one of {', '.join(BACKBONES)} or timm:<name>")
     if config.train.select_on_val and config.data.val_fraction == 0:
         raise ConfigError("train.select_on_val: needs a validation split, but data.val_fraction is 0")
     if not 0 <= config.data.val_fraction < 1:
