@@ -18,7 +18,6 @@ import numpy as np
 
 from mulcon.errors import DataError
 from mulcon.io import atomic_path
-from mulcon.metrics import average_precision
 
 BOOTSTRAP_SAMPLES = 1000  # resamples of the test images for the 95% interval
 REFERENCE = "mulcon"
@@ -52,8 +51,29 @@ def _scores(directory: Path) -> tuple[np.ndarray, np.ndarray]:
         return stored["scores"], stored["targets"]
 
 
-def _map(scores: np.ndarray, targets: np.ndarray) -> float:
-    return float(np.nanmean(average_precision(scores, targets)))
+def weighted_maps(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """mAP (percent) under each row of image weights: a bootstrap resample is the count of each image.
+
+    Args:
+        scores: (N, L); targets: (N, L) bool; weights: (B, N) non-negative counts.
+
+    Returns:
+        (B,) mAP over the labels with a positive in the resample. With all weights 1 this is
+        scikit-learn's average precision: tied scores share the precision at the end of their group.
+    """
+    per_label = np.full((len(weights), scores.shape[1]), np.nan)
+    for label in range(scores.shape[1]):
+        order = np.argsort(-scores[:, label], kind="stable")
+        ranked, positive = -scores[order, label], targets[order, label]
+        group_end = np.searchsorted(ranked, ranked, side="right") - 1  # last index of each tie group
+        counted = weights[:, order]  # (B, N)
+        hits = np.cumsum(counted * positive, axis=1)
+        precision = hits[:, group_end] / np.maximum(np.cumsum(counted, axis=1)[:, group_end], 1e-12)
+        total = hits[:, -1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_label[:, label] = (counted * positive * precision).sum(1) / total
+    with np.errstate(all="ignore"):
+        return 100 * np.nanmean(per_label, axis=1)
 
 
 def paired_difference(reports_root: Path, variant: str, seeds: list[int], *, samples: int = BOOTSTRAP_SAMPLES,
@@ -73,15 +93,13 @@ def paired_difference(reports_root: Path, variant: str, seeds: list[int], *, sam
             raise DataError(f"{seed_dir(reports_root, variant, k, seeds[0])}/scores.npz: targets differ from "
                             f"{REFERENCE}'s; both must be evaluated on the same split")
         pairs.append((ours, reference, targets))
-    observed = float(np.mean([_map(a, t) - _map(b, t) for a, b, t in pairs]))
-    generator = np.random.default_rng(seed)
     count = len(pairs[0][2])
-    differences = np.empty(samples)
-    for sample in range(samples):
-        rows = generator.integers(0, count, count)
-        differences[sample] = np.mean([_map(a[rows], t[rows]) - _map(b[rows], t[rows]) for a, b, t in pairs])
-    low, high = np.percentile(differences, [2.5, 97.5])
-    return observed, float(low), float(high)
+    draws = np.random.default_rng(seed).integers(0, count, (samples, count))
+    weights = np.stack([np.bincount(row, minlength=count) for row in draws]).astype(np.float64)  # (B, N)
+    weights = np.concatenate([np.ones((1, count)), weights])  # row 0: the test set itself
+    differences = np.mean([weighted_maps(a, t, weights) - weighted_maps(b, t, weights) for a, b, t in pairs], axis=0)
+    low, high = np.percentile(differences[1:], [2.5, 97.5])
+    return float(differences[0]), float(low), float(high)
 
 
 def per_class_gain(reports_root: Path, seeds: list[int], minuend: str = REFERENCE,
