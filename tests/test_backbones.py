@@ -117,3 +117,10 @@ def test_params_demo_builds_the_packaged_backbone():
     with pytest.raises(ConfigError, match="model.backbone: 'vgg16' is not one of resnet18, resnet50, resnet101 "
                                           "or timm:<name>"):
         load_config(ROOT / "params.yaml", ["model.backbone=vgg16"])
+
+
+def test_tresnet_preset_builds_its_backbone():
+    config = load_config(ROOT / "configs" / "authors-coco2014-tresnet.yaml", ["model.pretrained=false"])
+    assert config.model.backbone == "timm:tresnet_l" and config.data.image_size == 448
+    _, channels = build_backbone(config.model.backbone, False, config.model.weights_file)
+    assert channels == 2432
