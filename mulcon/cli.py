@@ -82,13 +82,13 @@ def evaluate(config: Config, args: argparse.Namespace) -> None:
 
 
 def report(config: Config, args: argparse.Namespace) -> None:
-    from mulcon.report import write_report
+    from mulcon.report import aggregate_metrics, write_report
 
-    files = write_report(config.evaluate.out_root, config.data.dataset)
+    files = write_report(config.evaluate.out_root, config.data.dataset, seeds=[config.train.seed, *config.train.seeds])
     if config.tracking.enabled:
         from mulcon.tracking import track_report
 
-        track_report(config, files)
+        track_report(config, files, aggregate_metrics(Path(config.evaluate.out_root) / "ablation.csv"))
     print(files[0].read_text(), end="")
 
 

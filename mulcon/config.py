@@ -70,8 +70,9 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet101"  # resnet18 | resnet50 | resnet101 (torchvision)
-    pretrained: bool = True  # ImageNet weights through torchvision's loader
+    backbone: str = "resnet101"  # resnet18 | resnet50 | resnet101 (torchvision) | timm:<name> (mulcon.backbones)
+    pretrained: bool = True  # ImageNet weights through torchvision's or timm's own loader
+    weights_file: str = ""  # a local state dict loaded into the backbone, or package:efficientnet_lite0; "" none
     embed_dim: int = 1024  # D, width of the label-level embeddings
     num_heads: int = 4  # h in Eq. 2
     projection_dim: int = 128  # d_z, output of the contrastive projector
@@ -130,6 +131,9 @@ class TrainConfig:
     pretrain_epochs: int = 20  # step-1 epochs; every variant trains pretrain + finetune epochs
     finetune_epochs: int = 20  # step-2 epochs
     seed: int = 0
+    # Further seeds of the ablation's spread: each trains all five variants into
+    # <out_root>/seed<k>/<variant>, evaluated into <evaluate.out_root>/<variant>/seed<k>.
+    seeds: list[int] = field(default_factory=list)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "bf16"  # bf16 | fp16 | fp32: autocast dtype on CUDA (CPU always runs fp32)
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 disables it
@@ -185,7 +189,6 @@ CHOICES = {
     "data.dataset": DATASETS,
     "data.augment_device": ("cpu", "cuda"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "model.backbone": BACKBONES,
     "model.attention_scale": ("none", "head", "full"),
     "model.attention_block": ("paper", "authors"),
     "loss.classification": ("bce", "asl"),
@@ -200,7 +203,7 @@ CHOICES = {
 # Keys that change where or how fast a run goes, not what it computes.
 RESULT_INDEPENDENT = {
     "data.num_workers", "data.root", "data.prepared_root", "data.cache", "train.device", "train.compile", "train.compile_mode", "train.out_root",
-    "train.checkpoint_root", "evaluate.split", "evaluate.threshold", "evaluate.batch_size", "evaluate.out_root",
+    "train.checkpoint_root", "train.seeds", "evaluate.split", "evaluate.threshold", "evaluate.batch_size", "evaluate.out_root",
     "tracking.enabled", "tracking.register_model", "tracking.system_metrics", "analysis.split",
     "analysis.tsne_images", "analysis.precision_k", "analysis.seed",
 }
@@ -229,6 +232,10 @@ def _check_value(key: str, value: Any, kind: type) -> Any:
     """Return `value` as `kind`, or raise ConfigError naming `key`."""
     if typing.get_origin(kind) is tuple:
         return _check_scale_range(key, value)
+    if typing.get_origin(kind) is list:  # list[int]: each item checked as the item type
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{key}[{index}]", item, typing.get_args(kind)[0]) for index, item in enumerate(value)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -288,6 +295,13 @@ def config_from_dict(values: dict[str, Any], overrides: Iterable[str] = ()) -> C
             f"model.embed_dim: {config.model.embed_dim} is not divisible by model.num_heads "
             f"{config.model.num_heads}"
         )
+    backbone = config.model.backbone
+    if backbone not in BACKBONES and not (backbone.startswith("timm:") and len(backbone) > len("timm:")):
+        raise ConfigError(f"model.backbone: {backbone!r} is not one of {', '.join(BACKBONES)} or timm:<name>")
+    seeds = config.train.seeds
+    if len(set(seeds)) != len(seeds) or config.train.seed in seeds:
+        raise ConfigError(f"train.seeds: {seeds} repeats a seed or train.seed {config.train.seed} "
+                          f"(train.seeds are the seeds besides train.seed)")
     if config.train.select_on_val and config.data.val_fraction == 0:
         raise ConfigError("train.select_on_val: needs a validation split, but data.val_fraction is 0")
     if not 0 <= config.data.val_fraction < 1:

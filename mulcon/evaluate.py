@@ -82,6 +82,13 @@ def write_pr_plot(path: Path, rows: list[tuple]) -> None:
     pyplot.close(figure)
 
 
+def write_scores(path: Path, scores: np.ndarray, targets: np.ndarray) -> None:
+    """Per-image scores (N, L) float32 and targets (N, L) bool, in the split's order: the input of the
+    report's paired bootstrap over test images (mulcon.spread)."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        np.savez_compressed(file, scores=scores.astype(np.float32), targets=targets > 0.5)
+
+
 def combined_history(run_dir: Path) -> list[dict[str, Any]]:
     """The per-epoch records of a variant's stages in order, numbered by a global epoch."""
     records: list[dict[str, Any]] = []
@@ -97,7 +104,7 @@ def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np
     """Write the report files of an evaluation into `out_dir`, each atomically; return their paths.
 
     metrics.json, per_class_ap.csv, pr_curve.csv (micro-average), pr_curve_per_class.csv,
-    pr_curve.png and, when `run_dir` holds per-stage histories, history.csv.
+    pr_curve.png, scores.npz and, when `run_dir` holds per-stage histories, history.csv.
     """
     out_dir = Path(out_dir)
     ap_rows = [(name, int((targets[:, c] == 1).sum()), "" if np.isnan(ap) else round(float(ap), 4))
@@ -109,7 +116,9 @@ def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np
     write_text(out_dir / "pr_curve_per_class.csv", _csv_text(["class", "threshold", "precision", "recall"],
                                                              [row for row in curves if row[0] != "all"]))
     write_pr_plot(out_dir / "pr_curve.png", curves)
-    files = [out_dir / name for name in ("per_class_ap.csv", "pr_curve.csv", "pr_curve_per_class.csv", "pr_curve.png")]
+    write_scores(out_dir / "scores.npz", scores, targets)
+    files = [out_dir / name for name in ("per_class_ap.csv", "pr_curve.csv", "pr_curve_per_class.csv", "pr_curve.png",
+                                         "scores.npz")]
     history = combined_history(run_dir) if run_dir is not None else []
     if history:
         columns = ["global_epoch", "stage", "epoch", "lr", "bce", "contrastive", "total", "val_mAP", "val_CF1", "val_OF1"]

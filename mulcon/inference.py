@@ -54,7 +54,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     state = checkpoint.load(path)
     if "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a mulcon model file (no model weights or config)")
-    config = config_from_dict(state["config"], ["model.pretrained=false"])
+    config = config_from_dict(state["config"], ["model.pretrained=false", "model.weights_file=''"])  # the weights are in the file
     model = build_model(config.model, len(state["classes"]), state["label_level"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state

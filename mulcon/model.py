@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mulcon.config import BACKBONES, ModelConfig
+from mulcon.backbones import build_backbone
+from mulcon.config import ModelConfig
 from mulcon.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -195,31 +196,6 @@ class LabelAttention(nn.Module):
         return (embeddings, weights) if need_weights else embeddings
 
 
-def build_backbone(name: str, pretrained: bool) -> tuple[nn.Module, int]:
-    """A torchvision ResNet without pooling and classifier, and its channel count C.
-
-    `pretrained` takes the ImageNet weights through torchvision's own loader (cached under
-    $TORCH_HOME/hub/checkpoints); with no network and no cached file this raises a clear error.
-    """
-    import torchvision
-
-    if name not in BACKBONES:
-        raise ConfigError(f"model.backbone: {name!r} is not one of {', '.join(BACKBONES)}")
-    weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
-    try:
-        resnet = torchvision.models.get_model(name, weights=weights)
-    except (OSError, RuntimeError) as error:
-        if weights is None:
-            raise
-        hub = torch.hub.get_dir()
-        raise ConfigError(
-            f"model.pretrained: cannot load ImageNet weights for {name} ({error}); put "
-            f"{weights.url.rsplit('/', 1)[-1]} in {hub}/checkpoints or set model.pretrained=false"
-        ) from error
-    channels = resnet.fc.in_features
-    return nn.Sequential(*list(resnet.children())[:-2]), channels  # (B, C, H/32, W/32)
-
-
 class Projector(nn.Module):
     """Proj(.): two linear layers with a ReLU between; outputs are L2-normalised (section 2.2)."""
 
@@ -243,9 +219,10 @@ class MulCon(nn.Module):
     """The MulCon network of Figure 1."""
 
     def __init__(self, num_labels: int, backbone: str = "resnet101", pretrained: bool = True,
-                 embed_dim: int = 1024, num_heads: int = 4, projection_dim: int = 128, **attention):
+                 embed_dim: int = 1024, num_heads: int = 4, projection_dim: int = 128, weights_file: str = "",
+                 **attention):
         super().__init__()
-        self.backbone, channels = build_backbone(backbone, pretrained)
+        self.backbone, channels = build_backbone(backbone, pretrained, weights_file)
         self.label_attention = LabelAttention(channels, num_labels, embed_dim, num_heads, **attention)
         # One Linear(D, 1) per label f_c^j, stored as one (L, D) weight so all run in one op.
         self.classifier_weight = nn.Parameter(torch.empty(num_labels, embed_dim))
@@ -274,9 +251,9 @@ class Baseline(nn.Module):
     """Backbone + global average pooling + linear classifier, with an image-level projector."""
 
     def __init__(self, num_labels: int, backbone: str = "resnet101", pretrained: bool = True,
-                 projection_dim: int = 128):
+                 projection_dim: int = 128, weights_file: str = ""):
         super().__init__()
-        self.backbone, channels = build_backbone(backbone, pretrained)
+        self.backbone, channels = build_backbone(backbone, pretrained, weights_file)
         self.classifier = nn.Linear(channels, num_labels)
         self.projector = Projector(channels, projection_dim)
 
@@ -297,9 +274,10 @@ def build_model(config: ModelConfig, num_labels: int, label_level: bool, *,
     """
     if label_level:
         model = MulCon(num_labels, config.backbone, config.pretrained, config.embed_dim, config.num_heads,
-                       config.projection_dim, token_self_attention=config.token_self_attention,
+                       config.projection_dim, weights_file=config.weights_file,
+                       token_self_attention=config.token_self_attention,
                        label_self_attention=config.label_self_attention, layer_norm=config.layer_norm,
                        attention_scale=config.attention_scale, attention_block=config.attention_block)
     else:
-        model = Baseline(num_labels, config.backbone, config.pretrained, config.projection_dim)
+        model = Baseline(num_labels, config.backbone, config.pretrained, config.projection_dim, config.weights_file)
     return model.to(memory_format=torch.channels_last) if channels_last else model

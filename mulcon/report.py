@@ -1,8 +1,9 @@
 """The paper's tables from our measured metrics: Table 3 (the ablation) and Tables 1 and 2
 (COCO-2014 and NUS-WIDE), with the paper's numbers beside ours.
 
-Inputs are the `metrics.json` files that `evaluate` writes for each variant; nothing is typed in
-but the paper's own numbers.
+Inputs are the files that `evaluate` writes for each variant (and each seed: mulcon.spread);
+nothing is typed in but the paper's own numbers. With several seeds the table gives each metric's
+mean and standard deviation over seeds and each variant's paired mAP difference against MulCon.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from mulcon.config import VARIANTS
 from mulcon.errors import DataError
 from mulcon.io import write_text
+from mulcon.spread import REFERENCE, load_seed_metrics, mean_std, paired_difference, per_class_gain, write_gain_plot
 
 VARIANT_NAMES = {
     "backbone_bce": "Backbone with BCE",
@@ -52,17 +54,43 @@ def load_metrics(reports_root: Path, variants=VARIANTS) -> dict[str, dict[str, A
     return found
 
 
-def ablation_rows(metrics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"variant": variant, "method": VARIANT_NAMES[variant], "mAP": values["mAP"], "CF1": values["CF1"],
-             "OF1": values["OF1"], "paper_mAP_coco2014": PAPER_TABLE3_MAP[variant]}
-            for variant, values in metrics.items()]
+def ablation_rows(reports_root: Path, seeds: list[int], samples: int | None = None) -> list[dict[str, Any]]:
+    """One row per variant: mAP, CF1 and OF1 as mean and standard deviation over `seeds`, and the
+    paired mAP difference against MulCon with its 95% bootstrap interval (0 for MulCon itself)."""
+    metrics = load_seed_metrics(reports_root, VARIANTS, seeds)
+    rows = []
+    for variant, runs in metrics.items():
+        row: dict[str, Any] = {"variant": variant, "method": VARIANT_NAMES[variant], "seeds": len(runs)}
+        for key in ("mAP", "CF1", "OF1"):
+            row[key], row[f"{key}_std"] = (round(value, 4) for value in mean_std([run[key] for run in runs]))
+        if variant == REFERENCE:
+            difference = (0.0, 0.0, 0.0)
+        else:
+            options = {} if samples is None else {"samples": samples}
+            difference = paired_difference(reports_root, variant, seeds, **options)
+        row.update(zip(("mAP_diff", "mAP_diff_low", "mAP_diff_high"), (round(value, 4) for value in difference)))
+        row["paper_mAP_coco2014"] = PAPER_TABLE3_MAP[variant]
+        rows.append(row)
+    return rows
 
 
-def ablation_markdown(rows: list[dict[str, Any]], dataset: str, split: str) -> str:
-    lines = [f"# Table 3: ablation ({dataset}, {split} split, final models)", "",
-             "| Method | mAP | CF1 | OF1 | paper mAP (COCO-2014) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} | {r['paper_mAP_coco2014']:.1f} |"
-              for r in rows]
+def ablation_markdown(rows: list[dict[str, Any]], dataset: str, split: str, seeds: list[int]) -> str:
+    spread = len(seeds) > 1
+    def cell(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.1f} ± {row[key + '_std']:.1f}" if spread else f"{row[key]:.1f}"
+
+    def difference(row: dict[str, Any]) -> str:
+        if row["variant"] == REFERENCE:
+            return "-"
+        return f"{row['mAP_diff']:+.1f} [{row['mAP_diff_low']:+.1f}, {row['mAP_diff_high']:+.1f}]"
+
+    seeds_text = f"seeds {', '.join(map(str, seeds))}: mean ± std" if spread else f"seed {seeds[0]}"
+    lines = [f"# Table 3: ablation ({dataset}, {split} split, final models, {seeds_text})", "",
+             "| Method | mAP | CF1 | OF1 | mAP - MulCon [95% CI] | paper mAP (COCO-2014) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {cell(r, 'mAP')} | {cell(r, 'CF1')} | {cell(r, 'OF1')} | {difference(r)} | "
+              f"{r['paper_mAP_coco2014']:.1f} |" for r in rows]
+    lines += ["", "mAP - MulCon: the paired difference of mAP on the same test images, averaged over seeds; "
+                  "the interval is a 95% percentile bootstrap over test images."]
     return "\n".join(lines) + "\n"
 
 
@@ -81,18 +109,43 @@ def results_markdown(ours: dict[str, Any], dataset: str) -> str:
     return "# Results in the layout of Tables 1 and 2\n\n" + "\n\n".join(sections) + "\n"
 
 
-def write_report(reports_root: str | Path, dataset: str) -> list[Path]:
-    """Write ablation.md, ablation.csv and metrics.md into `reports_root`; return their paths."""
-    reports_root = Path(reports_root)
-    metrics = load_metrics(reports_root)
-    rows = ablation_rows(metrics)
+def _csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_report(reports_root: str | Path, dataset: str, seeds: list[int] | None = None,
+                 samples: int | None = None) -> list[Path]:
+    """Write ablation.md, ablation.csv, metrics.md, per_class_gain.csv and per_class_gain.png into
+    `reports_root`; return their paths.
+
+    Args:
+        seeds: train.seed, then train.seeds (default: [0], the variants' folders alone).
+        samples: bootstrap resamples (default mulcon.spread.BOOTSTRAP_SAMPLES).
+    """
+    reports_root, seeds = Path(reports_root), list(seeds or [0])
+    metrics = load_metrics(reports_root)
+    rows = ablation_rows(reports_root, seeds, samples)
     split = metrics["mulcon"].get("split", "test")
-    files = {"ablation.md": ablation_markdown(rows, dataset, split), "ablation.csv": buffer.getvalue(),
-             "metrics.md": results_markdown(metrics["mulcon"], dataset)}
+    gains = per_class_gain(reports_root, seeds)
+    files = {"ablation.md": ablation_markdown(rows, dataset, split, seeds), "ablation.csv": _csv(rows),
+             "metrics.md": results_markdown(metrics["mulcon"], dataset),
+             "per_class_gain.csv": _csv([{"class": name, "ap_gain": round(gain, 4)} for name, gain in gains])
+             if gains else "class,ap_gain\n"}
     for name, text in files.items():
         write_text(reports_root / name, text)
-    return [reports_root / name for name in files]
+    write_gain_plot(reports_root / "per_class_gain.png", gains,
+                    f"per-class AP: MulCon minus Backbone with BCE ({dataset}, {len(seeds)} seed{'s' * (len(seeds) > 1)})")
+    return [reports_root / name for name in (*files, "per_class_gain.png")]
+
+
+def aggregate_metrics(rows_csv: str | Path) -> dict[str, float]:
+    """The per-variant means and spread of ablation.csv as flat MLflow metrics (mAP_mean_mulcon, ...)."""
+    with open(rows_csv, newline="") as file:
+        rows = list(csv.DictReader(file))
+    names = {"mAP": "mAP_mean", "mAP_std": "mAP_std", "CF1": "CF1_mean", "OF1": "OF1_mean",
+             "mAP_diff": "mAP_diff", "mAP_diff_low": "mAP_diff_low", "mAP_diff_high": "mAP_diff_high"}
+    return {f"{name}_{row['variant']}": float(row[key]) for row in rows for key, name in names.items()}

@@ -228,9 +228,12 @@ def track_analysis(config: Config, metrics: dict[str, Any], files: list[Path]) -
         tracker.log_artifacts(files, "analysis")
 
 
-def track_report(config: Config, files: list[Path]) -> None:
-    """Attach the ablation tables to the parent run of the ablation."""
+def track_report(config: Config, files: list[Path], metrics: dict[str, float] | None = None) -> None:
+    """Attach the ablation tables and figures to the parent run of the ablation (that of train.seed),
+    with the per-variant means and spread over seeds (`mulcon.report.aggregate_metrics`) as metrics."""
     tracker = Tracker(config, "report")
     with tracker.mlflow.start_run(run_id=tracker.parent_id):  # ends the parent run as FINISHED
-        tracker.mlflow.set_tags({**tracker.tags, "stage": "report"})
+        tracker.mlflow.set_tags({**tracker.tags, "stage": "report", "seeds": str(len(config.train.seeds) + 1)})
         tracker.log_artifacts(files, "report")
+        if metrics:
+            tracker.mlflow.log_metrics(metrics)

@@ -13,7 +13,8 @@ def test_repo_params_and_presets_load():
     assert config.data.dataset == "demo"
     for preset in sorted((ROOT / "configs").glob("*.yaml")):
         paper = load_config(preset)
-        assert paper.model.backbone == "resnet101" and paper.data.image_size == 448
+        backbone = "timm:tresnet_l" if "tresnet" in preset.name else "resnet101"
+        assert paper.model.backbone == backbone and paper.data.image_size == 448
 
 
 def test_overrides_are_typed():

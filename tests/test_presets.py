@@ -19,7 +19,7 @@ SHRUNK = ["data.dataset=demo", "data.image_size=32", "data.num_workers=0", "data
 
 
 def test_every_preset_is_tested():
-    assert PRESETS == ["authors-coco2014.yaml", "authors-nuswide.yaml", "paper-coco2014.yaml", "paper-nuswide.yaml",
+    assert PRESETS == ["authors-coco2014-tresnet.yaml", "authors-coco2014.yaml", "authors-nuswide.yaml", "paper-coco2014.yaml", "paper-nuswide.yaml",
                        "paper-voc2007.yaml"]
 
 
