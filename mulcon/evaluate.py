@@ -121,7 +121,7 @@ def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np
                                          "scores.npz")]
     history = combined_history(run_dir) if run_dir is not None else []
     if history:
-        columns = ["global_epoch", "stage", "epoch", "lr", "bce", "contrastive", "total", "val_mAP", "val_CF1", "val_OF1"]
+        columns = ["global_epoch", "stage", "epoch", "lr", "classification", "contrastive", "total", "val_mAP", "val_CF1", "val_OF1"]
         rows = [[record.get(column, "") for column in columns] for record in history]
         write_text(out_dir / "history.csv", _csv_text(columns, rows))
         files.append(out_dir / "history.csv")

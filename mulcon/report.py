@@ -119,8 +119,9 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 def write_report(reports_root: str | Path, dataset: str, seeds: list[int] | None = None,
                  samples: int | None = None) -> list[Path]:
-    """Write ablation.md, ablation.csv, metrics.md, per_class_gain.csv and per_class_gain.png into
-    `reports_root`; return their paths.
+    """Write ablation.md, ablation.csv, ablation.json (the aggregate as a DVC metrics file: per
+    variant the mean, std and paired difference), metrics.md, per_class_gain.csv and
+    per_class_gain.png into `reports_root`; return their paths.
 
     Args:
         seeds: train.seed, then train.seeds (default: [0], the variants' folders alone).
@@ -134,7 +135,10 @@ def write_report(reports_root: str | Path, dataset: str, seeds: list[int] | None
     files = {"ablation.md": ablation_markdown(rows, dataset, split, seeds), "ablation.csv": _csv(rows),
              "metrics.md": results_markdown(metrics["mulcon"], dataset),
              "per_class_gain.csv": _csv([{"class": name, "ap_gain": round(gain, 4)} for name, gain in gains])
-             if gains else "class,ap_gain\n"}
+             if gains else "class,ap_gain\n",
+             "ablation.json": json.dumps({row["variant"]: {key: value for key, value in row.items()
+                                                          if isinstance(value, (int, float))} for row in rows},
+                                         indent=2) + "\n"}
     for name, text in files.items():
         write_text(reports_root / name, text)
     write_gain_plot(reports_root / "per_class_gain.png", gains,

@@ -150,8 +150,18 @@ class Tracker:
         self.mlflow.log_params({k: v for k, v in flat.items() if k not in existing})
         self.mlflow.log_text(yaml.safe_dump(to_dict(self.config), sort_keys=False), "config/params.yaml")
 
+    def log_dataset(self, context: str) -> None:
+        """The prepared dataset as the run's MLflow dataset input (the UI's Dataset column): its
+        name, where it lies and, as its digest, the data version (the md5 of data.dvc)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = resolve_dataset_source(str(Path(self.config.data.prepared_dir).resolve()))
+        dataset = MetaDataset(source, name=self.config.data.folder_name, digest=self.tags["data_version"][:36])
+        self.mlflow.log_input(dataset, context=context)
+
     def log_epoch(self, record: dict[str, Any], step: int) -> None:
-        names = {"bce": "loss_bce", "contrastive": "loss_contrastive", "total": "loss_total"}
+        names = {"classification": "loss_classification", "contrastive": "loss_contrastive", "total": "loss_total"}
         metrics = {names.get(key, key): float(value) for key, value in record.items()
                    if isinstance(value, (int, float)) and key != "epoch"}
         self.mlflow.log_metrics(metrics, step=step)
@@ -198,6 +208,7 @@ def track_training(config: Config, stage: str, train: Callable[[Callable], Path]
     plan = plan_variant(config.train)
     with tracker.active(system_metrics=config.tracking.system_metrics):
         tracker.log_config()
+        tracker.log_dataset("train")
         final = train(lambda record: tracker.log_epoch(record, offsets[record["stage"]] + record["epoch"]))
         finished = final.exists() and stage in ("all", plan.steps[-1].stage)
         if finished and config.tracking.register_model and "model_version" not in tracker.tags_now():
@@ -214,6 +225,7 @@ def track_evaluation(config: Config, metrics: dict[str, Any], files: list[Path])
     tracker = Tracker(config, "evaluate")
     split = metrics["split"]
     with tracker.active():
+        tracker.log_dataset(split)
         tracker.mlflow.log_metrics({f"{split}_{key}": float(value) for key, value in metrics.items()
                                     if isinstance(value, float)})
         tracker.log_artifacts(files, f"evaluation/{split}")

@@ -60,7 +60,7 @@ class Objective:
                                              reduction=self.loss.bce_reduction)
         else:
             classification = bce_loss(output.logits, targets, reduction=self.loss.bce_reduction)
-        terms = {"bce": classification}
+        terms = {"classification": classification}
         if self.contrastive is not None:
             # Anchors, positives and denominators span the global batch of all training processes.
             projections = distributed.all_gather_with_grad(output.projections)

@@ -86,8 +86,8 @@ def test_two_processes_give_the_loss_and_gradients_of_one_process_on_the_whole_b
             for name, gradient in gradients.items():
                 torch.testing.assert_close(rank_gradients[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
         # BCE is a mean over each process's rows: their average is the mean over the batch.
-        bce = sum(rank[contrastive][0]["bce"] for rank in ranks) / WORLD_SIZE
-        torch.testing.assert_close(bce, terms["bce"], atol=1e-6, rtol=1e-5)
+        bce = sum(rank[contrastive][0]["classification"] for rank in ranks) / WORLD_SIZE
+        torch.testing.assert_close(bce, terms["classification"], atol=1e-6, rtol=1e-5)
 
 
 def test_rank_shards_make_up_the_single_process_batches():
