@@ -102,7 +102,7 @@ def run_local_command(args: argparse.Namespace) -> None:
 
     overrides = [*(TINY if args.tiny else []), *args.overrides]
     config = load_config(args.params, overrides)
-    mulcon_pipeline = build_pipeline(parallelism=1, params=args.params)
+    mulcon_pipeline = build_pipeline(parallelism=args.parallelism, params=args.params)
     given = parse_arguments(args.param, pipeline_inputs(json_format.MessageToDict(mulcon_pipeline.pipeline_spec)))
     raw = config.data.raw_dir
     if config.data.dataset == "demo" and not raw.is_dir():
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="override a param, as for python -m mulcon (repeatable)")
     local_run.add_argument("--tiny", action="store_true", help="shrink to seconds per step (32 px, 1 + 1 epochs)")
     local_run.add_argument("--pipeline-root", default="kfp-local", help="where task outputs go (default: kfp-local)")
+    local_run.add_argument("--parallelism", type=int, default=1,
+                           help="ablation variants at once (default 1: SQLite takes one writer; more with a tracking server)")
     local_run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                            help="a pipeline argument, e.g. -p promote_margin=1 (repeatable)")
     return parser

@@ -152,3 +152,36 @@ def make_bucket(endpoint: str, name: str) -> None:
 
     boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENVIRONMENT.items()
                                                  if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1").create_bucket(Bucket=name)
+
+
+@pytest.fixture
+def postgres_mlflow_server(tmp_path_factory, s3_server):
+    """MLflow as teams run it: `mlflow server` on 127.0.0.1 with its store in a fresh PostgreSQL
+    database (127.0.0.1:5432, created for the test and dropped after) and its artifacts in a fresh
+    bucket of moto's S3 server."""
+    import uuid
+
+    import psycopg
+
+    database = f"mulcon_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True)
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    make_bucket(s3_server, database.replace("_", "-"))
+    port, log_dir = free_port(), tmp_path_factory.mktemp("mlflow-postgres")
+    log = open(log_dir / "server.log", "w")
+    environment = {**os.environ, **S3_ENVIRONMENT, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"postgresql://postgres@127.0.0.1:5432/{database}",
+         "--artifacts-destination", f"s3://{database.replace('_', '-')}/artifacts", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "2"], stdout=log, stderr=subprocess.STDOUT, env=environment)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{uri}/health", process, seconds=120)
+        yield uri
+    finally:
+        stop(process)
+        log.close()
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        admin.close()

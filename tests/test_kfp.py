@@ -373,12 +373,14 @@ def test_prepare_component_fetches_the_data_of_a_revision_through_dvc_from_s3(s3
     assert os.path.exists(os.path.join(data.path, "prepared", "demo", "train.csv"))
 
 
-def test_run_local_runs_the_whole_pipeline_into_mlflow(tmp_path):
+def test_run_local_runs_the_whole_pipeline_into_mlflow(tmp_path, postgres_mlflow_server):
+    """The KFP local runner, ablation parallelism 4, against an MLflow server on PostgreSQL and S3."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = postgres_mlflow_server
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
-    result = subprocess.run([sys.executable, "-m", "pipeline", "run-local", "--tiny", "--params", str(ROOT / "params.yaml"),
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run-local", "--tiny", "--parallelism", "4",
+                             "--params", str(ROOT / "params.yaml"),
                              "-S", "train.device=cpu", "-S", "tracking.system_metrics=false"],
                             cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

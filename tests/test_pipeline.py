@@ -11,10 +11,13 @@ import time
 
 from tests.conftest import dvc, make_repo
 
-def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path):
+def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path, postgres_mlflow_server):
+    """Against an MLflow server backed by PostgreSQL, artifacts on S3 (sqlite:///mlflow.db, the
+    embedded default, is what the other tests and `make demo` use)."""
     import mlflow
 
     repo, environment = make_repo(tmp_path, [])
+    environment["MLFLOW_TRACKING_URI"] = postgres_mlflow_server
     dvc(repo, environment, "repro")
     table = (repo / "reports" / "ablation.md").read_text()
     for method in ("Backbone with BCE |", "Backbone with BCE + SCL", "MulCon with BCE only", "MulCon without pretraining",
@@ -51,6 +54,7 @@ def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path):
         assert run.data.tags["git_commit"] != "unknown" and run.data.tags["data_version"] != "untracked"
         version = next(v for v in versions if str(v.version) == run.data.tags["model_version"])
         assert version.run_id == run.info.run_id and version.tags["variant"] == run.data.tags["variant"]
+        assert [dataset.dataset.digest for dataset in run.inputs.dataset_inputs][:1] == [run.data.tags["data_version"]]
         paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test")}
         assert "evaluation/test/pr_curve.png" in paths and "evaluation/test/per_class_ap.csv" in paths
     [main] = [run for run in children if run.data.tags["variant"] == "mulcon"]
