@@ -237,7 +237,7 @@ def test_mistakes_are_one_line_found_before_anything_is_sent(kubeflow_api, tmp_p
                                                                         "-p promote_margin=0.5")
     assert fails(capsys, *given, "-p", "overrides=train.seed=1").endswith("overrides takes a list, e.g. "
                                                                          "-p overrides=[train.seed=1]")
-    assert fails(capsys, *given, "-p", "dataset=coco").endswith("dataset is one of demo, coco2014, nuswide")
+    assert fails(capsys, *given, "-p", "dataset=coco").endswith("dataset is one of demo, coco2014, nuswide, voc2007, folder")
     assert "add --multinode" in fails(capsys, *given, "-p", "nodes=3")
     assert fails(capsys, *given, "-p", "gpus") == "error: -p 'gpus': a pipeline argument is NAME=VALUE, e.g. -p gpus=4"
     assert fails(capsys, "submit", "--host", host, "--package", "/nonexistent.yaml").startswith(
