@@ -54,3 +54,34 @@ def test_a_missing_and_an_extra_dependency_are_both_found(tmp_path):
     _, covered = _code_deps(trimmed)
     assert "mulcon/report.py" in set(needed) - set(covered)
     assert "mulcon/losses.py" in set(covered) - set(needed)
+
+
+def test_every_command_loads_its_config_under_the_ablation_seeds(tmp_path):
+    """`make ablation` sets train.seeds: [1, 2]; the seeds stage's train.seed=1 must not clash with it."""
+    import shlex
+
+    from mulcon.config import load_config
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["train"]["seeds"] = [1, 2]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+
+    def value(match: re.Match) -> str:
+        key = match.group(1)
+        if key.startswith("item"):
+            return {"item": "mulcon", "item.variant": "mulcon", "item.seed": "1"}[key]
+        found = params
+        for part in key.split("."):
+            found = found[part]
+        return str(found)
+
+    checked = 0
+    for name, stage in _stages().items():
+        for command in stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]:
+            words = shlex.split(re.sub(r"\$\{([^}]+)\}", value, command))
+            if words[:3] != ["python", "-m", "mulcon"] or "-S" not in words:
+                continue
+            overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+            load_config(tmp_path / "params.yaml", overrides)  # raises ConfigError on a clash
+            checked += 1
+    assert checked >= 4
