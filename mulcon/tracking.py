@@ -17,6 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
+import warnings
 
 import yaml
 
@@ -156,7 +157,9 @@ class Tracker:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
-        source = resolve_dataset_source(str(Path(self.config.data.prepared_dir).resolve()))
+        with warnings.catch_warnings():  # a local path matches two registered local-file sources
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(str(Path(self.config.data.prepared_dir).resolve()))
         dataset = MetaDataset(source, name=self.config.data.folder_name, digest=self.tags["data_version"][:36])
         self.mlflow.log_input(dataset, context=context)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -154,6 +156,25 @@ def make_bucket(endpoint: str, name: str) -> None:
                                                  if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1").create_bucket(Bucket=name)
 
 
+@contextlib.contextmanager
+def run_mlflow_server(backend: str, artifacts: str, log_path: Path, s3_endpoint: str, workers: int = 1) -> Iterator[str]:
+    """`mlflow server` on a free port of 127.0.0.1 with its store at `backend` and its artifacts at
+    `artifacts` on the S3 server `s3_endpoint`; yields its URI and stops it after."""
+    port = free_port()
+    environment = {**os.environ, **S3_ENVIRONMENT, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts,
+             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+            stdout=log, stderr=subprocess.STDOUT, env=environment)
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(f"{uri}/health", process, seconds=120)
+            yield uri
+        finally:
+            stop(process)
+
+
 @pytest.fixture
 def postgres_mlflow_server(tmp_path_factory, s3_server):
     """MLflow as teams run it: `mlflow server` on 127.0.0.1 with its store in a fresh PostgreSQL
@@ -168,20 +189,11 @@ def postgres_mlflow_server(tmp_path_factory, s3_server):
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE DATABASE {database}")
     make_bucket(s3_server, database.replace("_", "-"))
-    port, log_dir = free_port(), tmp_path_factory.mktemp("mlflow-postgres")
-    log = open(log_dir / "server.log", "w")
-    environment = {**os.environ, **S3_ENVIRONMENT, "MLFLOW_S3_ENDPOINT_URL": s3_server}
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"postgresql://postgres@127.0.0.1:5432/{database}",
-         "--artifacts-destination", f"s3://{database.replace('_', '-')}/artifacts", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "2"], stdout=log, stderr=subprocess.STDOUT, env=environment)
-    uri = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{uri}/health", process, seconds=120)
-        yield uri
+        with run_mlflow_server(f"postgresql://postgres@127.0.0.1:5432/{database}", f"s3://{database.replace('_', '-')}/artifacts",
+                           tmp_path_factory.mktemp("mlflow-postgres") / "server.log", s3_server, workers=2) as uri:
+            yield uri
     finally:
-        stop(process)
-        log.close()
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         admin.close()

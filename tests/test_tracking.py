@@ -15,26 +15,15 @@ import torch
 from mulcon import checkpoint
 from mulcon.inference import eval_loader, load_model
 from mulcon.config import load_config
-from tests.conftest import BIN, ROOT, dvc, free_port, make_bucket, make_repo, stop, wait_for
+from tests.conftest import ROOT, dvc, free_port, make_bucket, make_repo, run_mlflow_server
 
 
 @pytest.fixture
 def mlflow_server(tmp_path, s3_server, s3_environment):
     make_bucket(s3_server, "mlflow-artifacts")
-    port = free_port()
-    environment = {**os.environ, **s3_environment}
-    log = open(tmp_path / "mlflow-server.log", "w")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", "s3://mlflow-artifacts/runs", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=environment)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{uri}/health", process, seconds=120)
+    with run_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", "s3://mlflow-artifacts/runs",
+                           tmp_path / "mlflow-server.log", s3_server) as uri:
         yield uri
-    finally:
-        stop(process)
-        log.close()
 
 
 def run_cli(*args, cwd, uri):
