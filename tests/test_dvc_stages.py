@@ -5,8 +5,11 @@ reruns it, and a change anywhere else reruns nothing."""
 from __future__ import annotations
 
 import re
+import shlex
+
 import yaml
 
+from mulcon.config import load_config
 from mulcon.fingerprint import closure, imports, stage_files
 from tests.conftest import ROOT
 
@@ -18,10 +21,13 @@ def _stages() -> dict[str, dict]:
     return stages
 
 
+def _commands(stage: dict) -> list[str]:
+    return stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
+
+
 def _code_deps(stage: dict) -> tuple[list[str], list[str]]:
     """The files the stage's commands run, and the files its mulcon/ deps cover (folders expanded)."""
-    commands = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
-    verbs = [re.search(r"python -m mulcon (\S+)", command).group(1) for command in commands]
+    verbs = [re.search(r"python -m mulcon (\S+)", command).group(1) for command in _commands(stage)]
     needed = sorted({file for verb in verbs for file in stage_files(verb)})
     covered = set()
     for dep in map(str, stage.get("deps", [])):
@@ -58,10 +64,6 @@ def test_a_missing_and_an_extra_dependency_are_both_found(tmp_path):
 
 def test_every_command_loads_its_config_under_the_ablation_seeds(tmp_path):
     """`make ablation` sets train.seeds: [1, 2]; the seeds stage's train.seed=1 must not clash with it."""
-    import shlex
-
-    from mulcon.config import load_config
-
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["train"]["seeds"] = [1, 2]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -76,8 +78,8 @@ def test_every_command_loads_its_config_under_the_ablation_seeds(tmp_path):
         return str(found)
 
     checked = 0
-    for name, stage in _stages().items():
-        for command in stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]:
+    for stage in _stages().values():
+        for command in _commands(stage):
             words = shlex.split(re.sub(r"\$\{([^}]+)\}", value, command))
             if words[:3] != ["python", "-m", "mulcon"] or "-S" not in words:
                 continue
