@@ -38,7 +38,7 @@ ablation: $(STAMP)
 	dvc exp run -S 'train.seeds=[1,2]'
 	@cat reports/ablation.md
 
-# make test: two pytest workers; on 2 cores 16 min against 20 min one after the other (measured)
+# make test: two pytest workers (README: the measured times against one worker)
 test: $(STAMP)
 	python -m pytest -q -n 2
 
