@@ -21,9 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from mulcon.io import usable_cpus
 
 
 def machine() -> dict[str, Any]:

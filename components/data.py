@@ -12,14 +12,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
+from mulcon.io import dvc_file_md5
 
 WORKING_TREE = ""  # the revision that means "the data folder of the working directory"
-
-
-def _data_md5(dvc_file_text: str) -> str:
-    outs = (yaml.safe_load(dvc_file_text) or {}).get("outs") or [{}]
-    return str(outs[0].get("md5", "untracked"))
 
 
 def fetch_dataset(path: str, out_dir: str | Path, *, repo_url: str = "", revision: str = WORKING_TREE,
@@ -46,11 +41,11 @@ def fetch_dataset(path: str, out_dir: str | Path, *, repo_url: str = "", revisio
                                     "(python -m mulcon make-demo) or give a data revision and the repository URL")
         shutil.copytree(source, out_dir)
         dvc_file = Path("data.dvc")
-        return _data_md5(dvc_file.read_text()) if dvc_file.exists() else "untracked"
+        return dvc_file_md5(dvc_file.read_text()) if dvc_file.exists() else "untracked"
     if not repo_url:
         raise ValueError(f"data revision {revision!r} needs the repository URL to fetch it from")
     import dvc.api
     from dvc.repo import Repo
 
     Repo.get(repo_url, path, out=str(out_dir), rev=revision, remote=remote or None)
-    return _data_md5(dvc.api.read("data.dvc", repo=repo_url, rev=revision))
+    return dvc_file_md5(dvc.api.read("data.dvc", repo=repo_url, rev=revision))

@@ -37,7 +37,7 @@ def prepare(config: Config, args: argparse.Namespace) -> None:
     from mulcon.data.preparation import prepare as run
 
     report = run(config.data.dataset, config.data.raw_dir, config.data.prepared_dir,
-                 val_fraction=config.data.val_fraction, seed=config.train.seed,
+                 val_fraction=config.data.val_fraction, seed=config.data.split_seed,
                  test_fraction=config.data.test_fraction)
     logger.info("prepared %s in %s: %s", config.data.dataset, config.data.prepared_dir,
                 json.dumps(report.get("counts", {})))

@@ -26,11 +26,14 @@ VARIANTS = ("backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrai
 class DataConfig:
     dataset: str = "demo"  # demo | coco2014 | nuswide | voc2007 | folder: raw data in <root>/<dataset>
     root: str = "data"  # raw data folder, versioned by data.dvc
-    name: str = ""  # dataset folder: raw data in <root>/<name>, manifests in <prepared_root>/<name>
+    name: str = ""  # dataset folder: raw data in <root>/<name>, manifests in <prepared_root>/folder/<name>
     test_fraction: float = 0.2  # dataset folder without a split column: seeded share of images made test
     prepared_root: str = "prepared"  # prepare writes manifests to <prepared_root>/<dataset>
     image_size: int = 448  # training and evaluation resolution (square)
     val_fraction: float = 0.1  # validation split carved from train; 0 disables it
+    # Seeds the choice of val images (and of a folder dataset's test images); apart from train.seed,
+    # so that every training seed of an ablation, and every model promotion compares, shares one val split.
+    split_seed: int = 0
     num_workers: int = 2  # DataLoader worker processes
     randaugment: bool = True  # RandAugment in the training transform (paper section 4)
     cache: bool = False  # prepare also writes the image cache at image_size (3 S^2 bytes per image)
@@ -43,8 +46,14 @@ class DataConfig:
 
     @property
     def folder_name(self) -> str:
-        """The folder under root and prepared_root: data.name for a folder dataset, else the dataset."""
+        """The raw data's folder under root: data.name for a folder dataset, else the dataset."""
         return self.name if self.dataset == "folder" else self.dataset
+
+    @property
+    def label(self) -> str:
+        """The dataset's name in MLflow (experiment and registered model mulcon-<label>):
+        folder-<name> for a folder dataset, else the dataset."""
+        return f"folder-{self.name}" if self.dataset == "folder" else self.dataset
 
     @property
     def raw_dir(self) -> Path:
@@ -52,7 +61,11 @@ class DataConfig:
 
     @property
     def prepared_dir(self) -> Path:
-        return Path(self.prepared_root) / self.folder_name
+        """<prepared_root>/<dataset>, and <prepared_root>/folder/<name> for a folder dataset (inside the
+        prepare stage's DVC output <prepared_root>/<dataset>)."""
+        if self.dataset == "folder":
+            return Path(self.prepared_root) / "folder" / self.name
+        return Path(self.prepared_root) / self.dataset
 
     @property
     def cache_size(self) -> int | None:

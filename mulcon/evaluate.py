@@ -83,10 +83,11 @@ def write_pr_plot(path: Path, rows: list[tuple]) -> None:
 
 
 def write_scores(path: Path, scores: np.ndarray, targets: np.ndarray) -> None:
-    """Per-image scores (N, L) float32 and targets (N, L) bool, in the split's order: the input of the
-    report's paired bootstrap over test images (mulcon.spread)."""
+    """Per-image scores (N, L) float32 and targets (N, L) int8 as written (1, 0, and -1 for an ignored
+    pair), in the split's order: the input of the report's paired bootstrap over test images
+    (mulcon.spread), which leaves ignored pairs out as `mulcon.metrics` does."""
     with atomic_path(path) as temporary, open(temporary, "wb") as file:
-        np.savez_compressed(file, scores=scores.astype(np.float32), targets=targets > 0.5)
+        np.savez_compressed(file, scores=scores.astype(np.float32), targets=np.asarray(targets).astype(np.int8))
 
 
 def combined_history(run_dir: Path) -> list[dict[str, Any]]:

@@ -7,6 +7,9 @@ registry, error classes) are neither counted nor followed. `dvc.yaml` lists exac
 each stage's dependencies (tests/test_dvc_stages.py), and every checkpoint and stage model records
 their fingerprint, so a run is resumed or skipped only under the code that made it.
 
+Beside the code, a result records the versions of the libraries whose kernels compute it
+(`library_versions`): a checkpoint made under another torch is not resumed either.
+
 The fingerprint of a file is a hash of its syntax tree without docstrings: an edit to a comment,
 a docstring or the layout keeps it; any edit to what the code does changes it.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from importlib import metadata
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,6 +32,8 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "report": ("mulcon.report",),
     "analyze": ("mulcon.analysis",),
 }
+# The distributions whose kernels compute a training result (convolutions, RandAugment, resizing).
+RESULT_LIBRARIES = ("torch", "torchvision", "timm", "pillow", "numpy")
 # Modules whose edits cannot change a stage's outputs; their imports are not followed either.
 NOT_RESULT = frozenset({"mulcon", "mulcon.__main__", "mulcon.cli", "mulcon.launch", "mulcon.errors",
                         "mulcon.mlflow_client", "mulcon.tracking", "mulcon.serving", "mulcon.registry"})
@@ -107,3 +113,14 @@ def code_changes(saved: dict[str, str] | None, current: dict[str, str]) -> list[
     if not isinstance(saved, dict):
         return sorted(current)
     return sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
+
+
+def library_versions() -> dict[str, str]:
+    """{distribution: installed version} for RESULT_LIBRARIES ("absent" for one not installed)."""
+    versions = {}
+    for name in RESULT_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions

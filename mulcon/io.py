@@ -1,8 +1,10 @@
-"""Atomic file writes: an interrupted stage never leaves a half-written output behind."""
+"""Atomic file writes (an interrupted stage never leaves a half-written output behind), file
+digests, the md5 a `.dvc` file records, and the cores this process may use."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -55,3 +57,29 @@ def read_json(path: str | os.PathLike, *, missing: str) -> Any:
         raise DataError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read: {error}") from None
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_file_md5(text: str) -> str:
+    """The md5 a `.dvc` file (its YAML text) records for its first output, or "untracked" when the
+    text is not YAML or records none: the data version of MLflow runs and Kubeflow components."""
+    import yaml
+
+    try:
+        outs = (yaml.safe_load(text) or {}).get("outs") or [{}]
+        return str(outs[0].get("md5") or "untracked")
+    except (yaml.YAMLError, AttributeError, TypeError):
+        return "untracked"
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

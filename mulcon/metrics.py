@@ -15,11 +15,12 @@ the validation split only.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from mulcon.io import usable_cpus
 
 TOP_K = 3  # the "top-3" metrics of ML-GCN and its successors
 
@@ -70,10 +71,6 @@ def _validate(scores, targets, mask=None) -> tuple[np.ndarray, np.ndarray, np.nd
     return scores, targets, kept
 
 
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _label_major(array: np.ndarray, rows_per_block: int = 512) -> np.ndarray:
     """(N, L) -> C-contiguous (L, N): numpy sorts, masks and counts contiguous rows several times
     faster than strided columns, so every metric but the per-image top-k works label-major.
@@ -90,7 +87,7 @@ def _average_precision(scores_by_label: np.ndarray, targets_by_label: np.ndarray
     # on the pool's threads (the sort is most of the cost). A few blocks per thread balance the
     # load with other work on the same pool.
     num_labels = scores_by_label.shape[0]
-    num_blocks = min(4 * _usable_cpus(), num_labels)
+    num_blocks = min(4 * usable_cpus(), num_labels)
     bounds = np.linspace(0, num_labels, num_blocks + 1).astype(int)
     blocks = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
     results = pool.map(lambda block: _block_average_precision(
@@ -150,7 +147,7 @@ def average_precision(scores, targets, mask=None) -> np.ndarray:
             non-binary targets.
     """
     scores, targets, kept = _validate(scores, targets, mask)
-    with ThreadPoolExecutor(_usable_cpus()) as pool:
+    with ThreadPoolExecutor(usable_cpus()) as pool:
         scores_by_label, targets_by_label = pool.map(_label_major, (scores, targets))
         kept_by_label = None if kept is None else _label_major(kept)
         return _average_precision(scores_by_label, targets_by_label, pool, kept_by_label)
@@ -248,7 +245,7 @@ def multilabel_metrics(scores, targets, threshold: float | np.ndarray = 0.5, mas
     """
     scores, targets, kept = _validate(scores, targets, mask)
     thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), scores.shape[1:])
-    with ThreadPoolExecutor(_usable_cpus()) as pool:
+    with ThreadPoolExecutor(usable_cpus()) as pool:
         scores_by_label, targets_by_label = pool.map(_label_major, (scores, targets))
         kept_by_label = None if kept is None else _label_major(kept)
         # Submitted first, the threshold metrics run on one thread while the others sort for AP.

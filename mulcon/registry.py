@@ -6,9 +6,12 @@ the version holding `champion` and moves `champion` to it only when it is better
 margin (or when there is no champion yet). Both numbers and the decision are logged on the
 challenger's run (tags `promotion.*`, metrics `promotion/*`) and on its model version (tags).
 
-The two numbers are comparable only on the same validation split: the registered model fixes the
-dataset, and the params that carve the split from the training set (`SPLIT_PARAMS`) must match,
-otherwise the champion is kept. A different data version (new images) is allowed, and logged.
+The number compared is `model_val_mAP`: the validation mAP of the model the run saved and registered
+(the selected epoch of its last stage with `train.select_on_val`, else its final epoch), which
+`mulcon.tracking` logs once training is done. The two numbers are comparable only on the same
+validation split: the registered model fixes the dataset, and the params that carve the split from
+the training set (`SPLIT_PARAMS`) must match, otherwise the champion is kept. The training seed may
+differ (`data.split_seed` carves the split), and so may the data version (new images), which is logged.
 """
 
 from __future__ import annotations
@@ -19,32 +22,36 @@ from typing import Any
 from mulcon.config import Config
 from mulcon.errors import MulconError
 from mulcon.mlflow_client import connect
-from mulcon.tracking import training_run
+from mulcon.tracking import MODEL_METRIC, training_run
 
 logger = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-SPLIT_PARAMS = ("data.dataset", "data.val_fraction", "train.seed")
+SPLIT_PARAMS = ("data.dataset", "data.name", "data.val_fraction", "data.test_fraction", "data.split_seed")
 
 
 class RegistryError(MulconError):
     """A model version without the run or the metric a promotion needs."""
 
 
-def model_metric(client, run_id: str, metric: str = "val_mAP") -> float:
-    """The `metric` of the model a run produced: its last epoch's value, or its best when the run
-    kept the best validation epoch (`train.select_on_val`).
+def model_metric(client, run_id: str, metric: str = MODEL_METRIC) -> float:
+    """The latest value of `metric` on a run: by default the val mAP of the model it saved.
+
+    A run registered before `model_val_mAP` existed, trained without `train.select_on_val`, saved
+    its final epoch: its last `val_mAP` stands for it.
 
     Raises:
-        RegistryError: the run never logged `metric` (e.g. trained with data.val_fraction=0).
+        RegistryError: the run never logged `metric` (trained with data.val_fraction=0, or an older
+            run that kept its best epoch, whose saved model's val mAP was not logged).
     """
     history = client.get_metric_history(run_id, metric)
+    if not history and metric == MODEL_METRIC:
+        if client.get_run(run_id).data.params.get("train.select_on_val") != "True":
+            history = client.get_metric_history(run_id, "val_mAP")
     if not history:
         raise RegistryError(f"run {run_id} has no metric {metric}; train with a validation split "
                             "(data.val_fraction > 0) to compare models")
-    if client.get_run(run_id).data.params.get("train.select_on_val") == "True":
-        return max(point.value for point in history)
-    return max(history, key=lambda point: (point.step, point.timestamp)).value
+    return max(history, key=lambda point: (point.timestamp, point.step)).value
 
 
 def _champion(client, model_name: str):
@@ -95,7 +102,7 @@ def _log(client, challenger, decision: dict[str, Any]) -> None:
         client.set_model_version_tag(decision["model"], decision["version"], key, value)
 
 
-def promote(model_name: str, version: str | int, margin: float = 0.0, metric: str = "val_mAP",
+def promote(model_name: str, version: str | int, margin: float = 0.0, metric: str = MODEL_METRIC,
             client=None) -> dict[str, Any]:
     """Make `version` the challenger, and the champion when its `metric` beats the champion's by
     more than `margin` (in the metric's unit: mAP points) or when there is no champion.
@@ -122,7 +129,7 @@ def promote(model_name: str, version: str | int, margin: float = 0.0, metric: st
     return decision
 
 
-def promote_trained(config: Config, margin: float = 0.0, metric: str = "val_mAP") -> dict[str, Any]:
+def promote_trained(config: Config, margin: float = 0.0, metric: str = MODEL_METRIC) -> dict[str, Any]:
     """`promote` the model version registered by the training run of `config`
     (`mulcon.tracking.training_run`: the run `train.variant` was logged to under this config and
     data version).
@@ -134,6 +141,6 @@ def promote_trained(config: Config, margin: float = 0.0, metric: str = "val_mAP"
     run = training_run(config)
     version = run.data.tags.get("model_version")
     if version is None:
-        raise RegistryError(f"MLflow run {run.info.run_id} ({config.train.variant} on {config.data.dataset}) has no "
+        raise RegistryError(f"MLflow run {run.info.run_id} ({config.train.variant} on {config.data.label}) has no "
                             "registered model: train it first, with tracking.register_model=true")
-    return promote(f"mulcon-{config.data.dataset}", version, margin, metric)
+    return promote(f"mulcon-{config.data.label}", version, margin, metric)

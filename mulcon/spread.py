@@ -55,18 +55,23 @@ def weighted_maps(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray) 
     """mAP (percent) under each row of image weights: a bootstrap resample is the count of each image.
 
     Args:
-        scores: (N, L); targets: (N, L) bool; weights: (B, N) non-negative counts.
+        scores: (N, L); targets: (N, L) bool, or 1/0 with -1 for an ignored pair (as `evaluate`
+            writes them); weights: (B, N) non-negative counts.
 
     Returns:
         (B,) mAP over the labels with a positive in the resample. With all weights 1 this is
-        scikit-learn's average precision: tied scores share the precision at the end of their group.
+        `mulcon.metrics.average_precision` (scikit-learn's on the pairs not ignored): an ignored pair
+        is neither a hit nor a rank, and tied scores share the precision at the end of their group.
     """
+    targets = np.asarray(targets)
+    kept = targets >= 0  # bool targets: every pair kept
+    positives = targets == 1
     per_label = np.full((len(weights), scores.shape[1]), np.nan)
     for label in range(scores.shape[1]):
         order = np.argsort(-scores[:, label], kind="stable")
-        ranked, positive = -scores[order, label], targets[order, label]
+        ranked, positive = -scores[order, label], positives[order, label]
         group_end = np.searchsorted(ranked, ranked, side="right") - 1  # last index of each tie group
-        counted = weights[:, order]  # (B, N)
+        counted = weights[:, order] * kept[order, label]  # (B, N); an ignored pair counts for nothing
         hits = np.cumsum(counted * positive, axis=1)
         precision = hits[:, group_end] / np.maximum(np.cumsum(counted, axis=1)[:, group_end], 1e-12)
         total = hits[:, -1]

@@ -24,6 +24,7 @@ import yaml
 from mulcon import distributed
 from mulcon.config import RESULT_INDEPENDENT, Config, to_dict, to_flat_dict
 from mulcon.inference import load_model
+from mulcon.io import dvc_file_md5
 from mulcon.mlflow_client import TrackingError, connect, tracking_uri
 from mulcon.serving import Scorer, log_model
 from mulcon.variants import plan_variant
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Set by the Kubeflow components (components/): the pipeline run, which then gets runs of its own;
 # the md5 of the data fetched at a git revision; the commit the image was built from (no .git in it).
 PIPELINE_RUN_ENV, DATA_VERSION_ENV, GIT_COMMIT_ENV = "MULCON_PIPELINE_RUN", "MULCON_DATA_VERSION", "MULCON_GIT_COMMIT"
+# The val mAP of the model a training run saved (its selected or final epoch): what promotion compares.
+MODEL_METRIC = "model_val_mAP"
 
 
 def git_state(root: str | Path = ".") -> dict[str, str]:
@@ -50,11 +53,9 @@ def data_version(config: Config, root: str | Path = ".") -> str:
     """The md5 that `data.dvc` records for the raw data folder (or $MULCON_DATA_VERSION), or "untracked"."""
     if os.environ.get(DATA_VERSION_ENV):
         return os.environ[DATA_VERSION_ENV]
-    path = Path(root) / "data.dvc"
     try:
-        outs = yaml.safe_load(path.read_text()).get("outs", [])
-        return str(outs[0]["md5"]) if outs else "untracked"
-    except (OSError, yaml.YAMLError, KeyError, AttributeError, IndexError):
+        return dvc_file_md5((Path(root) / "data.dvc").read_text())
+    except OSError:
         return "untracked"
 
 
@@ -102,7 +103,7 @@ def training_run(config: Config):
         TrackingError: no such run (not trained under this config and data version).
     """
     _, client = connect()
-    experiment = client.get_experiment_by_name(f"mulcon-{config.data.dataset}")
+    experiment = client.get_experiment_by_name(f"mulcon-{config.data.label}")
     if experiment is not None:
         _, key, config_key = _keys(config)
         variant = {"mulcon.kind": "variant", "variant": config.train.variant}
@@ -110,7 +111,7 @@ def training_run(config: Config):
             found = _search(client, experiment.experiment_id, tags, {"train.variant": config.train.variant})
             if found is not None:
                 return found
-    raise TrackingError(f"no MLflow run of {config.train.variant} on {config.data.dataset} trained under this config and "
+    raise TrackingError(f"no MLflow run of {config.train.variant} on {config.data.label} trained under this config and "
                         f"data version in {tracking_uri()}: train it first")
 
 
@@ -120,17 +121,17 @@ class Tracker:
     def __init__(self, config: Config, stage: str):
         self.config, self.stage = config, stage
         self.mlflow, self.client = connect()
-        experiment = f"mulcon-{config.data.dataset}"
+        experiment = f"mulcon-{config.data.label}"
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.tags, key, config_key = _keys(config)
         parent_tags = {"mulcon.kind": "ablation", "mulcon.key": key}
         self.parent_id = _find_or_create(self.client, self.experiment_id, parent_tags,
-                                         f"ablation-{config.data.dataset}-{key[:8]}")
+                                         f"ablation-{config.data.label}-{key[:8]}")
         variant = config.train.variant
         self.run_id = _find_or_create(self.client, self.experiment_id,
                                       {"mulcon.kind": "variant", "mulcon.key": key, "variant": variant},
-                                      f"{variant}-{config.data.dataset}", also={"mulcon.config_key": config_key})
+                                      f"{variant}-{config.data.label}", also={"mulcon.config_key": config_key})
 
     @contextlib.contextmanager
     def active(self, system_metrics: bool = False) -> Iterator[Any]:
@@ -175,12 +176,12 @@ class Tracker:
                 self.mlflow.log_artifact(str(path), folder)
 
     def log_model(self, network, image_size: int, classes: list[str], thresholds: list[float] | None = None) -> str:
-        """Log the trained network as a `mulcon.serving.Scorer` and register it as mulcon-<dataset>.
+        """Log the trained network as a `mulcon.serving.Scorer` and register it as mulcon-<dataset> (mulcon-folder-<name>).
 
         Returns:
             The registered model version.
         """
-        name = f"mulcon-{self.config.data.dataset}"
+        name = f"mulcon-{self.config.data.label}"
         info = log_model(Scorer(network.cpu().eval(), classes, image_size, thresholds), name="model",
                          registered_model_name=name,
                          metadata={"classes": classes, "variant": self.config.train.variant})
@@ -214,12 +215,16 @@ def track_training(config: Config, stage: str, train: Callable[[Callable], Path]
         tracker.log_dataset("train")
         final = train(lambda record: tracker.log_epoch(record, offsets[record["stage"]] + record["epoch"]))
         finished = final.exists() and stage in ("all", plan.steps[-1].stage)
+        if finished:
+            network, state = load_model(final)
+            saved_val = (state.get("val") or {}).get("val_mAP")
+            if saved_val is not None:  # what promotion compares: the saved model's, not the history's best
+                tracker.mlflow.log_metric(MODEL_METRIC, float(saved_val))
         if finished and config.tracking.register_model and "model_version" not in tracker.tags_now():
             tracker.log_artifacts([final.parent / step.stage / "history.json" for step in plan.steps], "history")
-            network, state = load_model(final)
             version = tracker.log_model(network, config.data.image_size, state["classes"], state.get("thresholds"))
             tracker.mlflow.set_tag("model_version", version)
-            logger.info("registered mulcon-%s version %s (run %s)", config.data.dataset, version, tracker.run_id)
+            logger.info("registered mulcon-%s version %s (run %s)", config.data.label, version, tracker.run_id)
     return final
 
 

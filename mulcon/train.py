@@ -7,8 +7,10 @@ record per epoch) and, once the stage is done, `model.pt`; the variant's final m
 (written atomically every epoch), so a pipeline tool that clears a stage's outputs before running
 it again does not lose it. A killed run continues from its last checkpoint with `resume=True` and,
 on CPU, ends with the weights of an uninterrupted run. Checkpoints and stage models record the
-resolved config and the fingerprint of the training code (`mulcon.fingerprint`); one made under
-another config or other code is neither resumed nor skipped: the stage starts over, and says why.
+resolved config, the fingerprint of the training code and the versions of the libraries that
+compute it (`mulcon.fingerprint`), and the identity of the data (`mulcon.data.identity`); one made
+under another config, other code, other libraries or on other data is neither resumed nor skipped:
+the stage starts over, and says which part changed.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from tqdm import tqdm
 from mulcon import checkpoint, distributed
 from mulcon.config import RESULT_INDEPENDENT, Config, config_from_dict, to_dict, to_flat_dict
 from mulcon.data.dataset import ManifestDataset, load_classes
+from mulcon.data.identity import data_identity, identity_changes
 from mulcon.data.gpu_augment import SampledAugmentation, prefetch, to_device
 from mulcon.data.sampling import EpochSampler, SeededDataset
 from mulcon.data.transforms import train_transform
 from mulcon.errors import CheckpointError, ConfigError, TrainingError
-from mulcon.fingerprint import code_changes, code_fingerprint
+from mulcon.fingerprint import code_changes, code_fingerprint, library_versions
 from mulcon.inference import eval_loader, predict_scores
 from mulcon.runtime import autocast, resolve_device
 from mulcon.io import atomic_path, write_json
@@ -155,11 +158,23 @@ def _validate(model: nn.Module, val: DataLoader | None, device: torch.device,
     return {f"val_{key}": metrics[key] for key in ("mAP", "CF1", "OF1")}, [float(value) for value in thresholds]
 
 
+def training_splits(config: Config) -> tuple[str, ...]:
+    """The splits a training stage reads: train, and val when the config carves one."""
+    return ("train", "val") if config.data.val_fraction > 0 else ("train",)
+
+
+def provenance(config: Config) -> dict[str, dict[str, str]]:
+    """What a training result depends on besides its config: the training code, the libraries that
+    compute it and the data it reads. Recorded in every checkpoint and stage model."""
+    return {"code": code_fingerprint("train"), "libraries": library_versions(),
+            "data": data_identity(config.data.prepared_dir, training_splits(config), config.data.cache_size)}
+
+
 def _model_file(model: nn.Module, config: Config, plan: Plan, step: Step, classes: list[str],
                 epoch: int, selected_on: str, val: dict[str, float],
-                thresholds: list[float] | None) -> dict[str, Any]:
+                thresholds: list[float] | None, made_from: dict[str, dict[str, str]]) -> dict[str, Any]:
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}  # a snapshot
-    return {"model": weights, "config": to_dict(config), "code": code_fingerprint("train"), "classes": classes,
+    return {"model": weights, "config": to_dict(config), **made_from, "classes": classes,
             "label_level": plan.label_level, "variant": plan.variant, "stage": step.stage,
             "epoch": epoch, "selected_on": selected_on, "val": val, "thresholds": thresholds}
 
@@ -168,8 +183,9 @@ class StageRun:
     """The objects of one stage (model, optimizer, schedule, scaler, EMA) and their checkpointing."""
 
     def __init__(self, config: Config, plan: Plan, step: Step, model: nn.Module, device: torch.device,
-                 steps_per_epoch: int, num_labels: int):
+                 steps_per_epoch: int, num_labels: int, made_from: dict[str, dict[str, str]]):
         self.config, self.plan, self.step, self.model, self.num_labels = config, plan, step, model, num_labels
+        self.made_from = made_from
         self.optimizer = build_optimizer(config, step.stage, model)
         self.scheduler, self.step_per_batch = build_scheduler(config, step.stage, self.optimizer, step.epochs, steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config.train.precision == "fp16")
@@ -181,8 +197,7 @@ class StageRun:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "epoch": epoch, "rng": checkpoint.rng_states(),
-                "history": self.history, "best": self.best, "config": to_dict(self.config),
-                "code": code_fingerprint("train"),
+                "history": self.history, "best": self.best, "config": to_dict(self.config), **self.made_from,
                 "variant": self.plan.variant, "stage": self.step.stage, "num_labels": self.num_labels}
 
     def restore(self, state: dict[str, Any], path: Path) -> int:
@@ -218,20 +233,41 @@ def same_result_config(saved: dict[str, Any], config: Config, stage: str) -> boo
     return relevant(saved_config) == relevant(config)
 
 
-def stale_reason(state: dict[str, Any], config: Config, stage: str) -> str | None:
-    """Why a checkpoint or stage model of `stage` cannot stand for a run of `config` under the code
-    installed now (another config, or changed training code), or None when it can."""
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} changed"
+
+
+def stale_reason(state: dict[str, Any], config: Config, stage: str,
+                 made_from: dict[str, dict[str, str]] | None = None) -> str | None:
+    """Why a checkpoint or stage model of `stage` cannot stand for a run of `config` now, or None
+    when it can: "under another config", "under other code (...)", "with other libraries (...)"
+    or "on other data (...)", naming what changed.
+
+    Args:
+        made_from: `provenance(config)`, computed when not given.
+    """
     if not same_result_config(state.get("config", {}), config, stage):
-        return "another config"
-    changed = code_changes(state.get("code"), code_fingerprint("train"))
+        return "under another config"
+    made_from = made_from or provenance(config)
+    changed = code_changes(state.get("code"), made_from["code"])
     if changed:
-        return f"other code ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed)"
+        return f"under other code ({_listed(changed)})"
+    saved, now = state.get("libraries"), made_from["libraries"]
+    changed = identity_changes(saved, now)
+    if changed:
+        was = saved if isinstance(saved, dict) else {}
+        versions = [f"{name} {was.get(name, 'unrecorded')} -> {now.get(name, 'absent')}" for name in changed]
+        return f"with other libraries ({_listed(versions)})"
+    changed = identity_changes(state.get("data"), made_from["data"])
+    if changed:
+        return f"on other data ({_listed(changed)})"
     return None
 
 
 def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_dir: Path, *, resume: bool,
                 device: torch.device, classes: list[str], checkpoint_dir: Path,
-                callback: EpochCallback | None = None) -> dict[str, Any]:
+                callback: EpochCallback | None = None,
+                made_from: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """Train `model` for one step of `plan`: history and model in `out_dir`, a checkpoint every
     epoch in `checkpoint_dir`. With several training processes, rank 0 validates and writes.
 
@@ -241,18 +277,19 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
     loader = train_loader(config, step)
     validates = config.data.val_fraction > 0 and distributed.is_main()
     val = eval_loader(config, "val", config.evaluate.batch_size) if validates else None
-    run = StageRun(config, plan, step, model, device, len(loader), len(classes))
+    made_from = made_from or provenance(config)
+    run = StageRun(config, plan, step, model, device, len(loader), len(classes), made_from)
     path, start = checkpoint_dir / "checkpoint.pt", 0
     if resume and path.exists():
         state = checkpoint.load(path)
-        reason = stale_reason(state, config, step.stage)
+        reason = stale_reason(state, config, step.stage, made_from)
         if reason is None:
             start = run.restore(state, path)
             logger.info("resuming %s/%s from epoch %d", plan.variant, step.stage, start)
             if distributed.is_main():  # the stage's outputs may have been cleared (dvc repro does)
                 write_json(out_dir / "history.json", run.history)
         else:
-            logger.warning("%s was made under %s: %s/%s starts over", path, reason, plan.variant, step.stage)
+            logger.warning("%s was made %s: %s/%s starts over", path, reason, plan.variant, step.stage)
     # DDP starts every process from rank 0's weights; a BCE-only step leaves the projector idle.
     network = distributed.wrap(model, device, find_unused_parameters=step.contrastive is None)
     if config.train.compile:  # the forward only: `model` keeps its parameters and state-dict keys
@@ -271,7 +308,7 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
         run.history.append(record)
         if config.train.select_on_val and val is not None and (run.best is None or record["val_mAP"] > run.best["val"]["val_mAP"]):
             run.best = _model_file(run.evaluated_model(), config, plan, step, classes, epoch + 1, "val", record,
-                                   thresholds)
+                                   thresholds, made_from)
         if not distributed.is_main():
             continue  # the other processes hold the same weights
         checkpoint.save(path, run.state(epoch + 1))
@@ -284,7 +321,7 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
     if run.best is None and thresholds is None and val is not None:  # resumed after the last epoch
         thresholds = _validate(run.evaluated_model(), val, device, config)[1]
     result = run.best or _model_file(run.evaluated_model(), config, plan, step, classes, step.epochs, "final", last,
-                                     thresholds)
+                                     thresholds, made_from)
     if distributed.is_main():
         checkpoint.save(out_dir / "model.pt", result)
     distributed.barrier()
@@ -329,10 +366,11 @@ def _run_plan(config: Config, device: torch.device, *, out_dir: str | Path | Non
     torch.manual_seed(config.train.seed)
     classes = load_classes(config.data.prepared_dir)
     model = build_model(config.model, len(classes), plan.label_level).to(device)
+    made_from = provenance(config)
     wanted = stages or tuple(step.stage for step in plan.steps)
     for position, step in enumerate(plan.steps):
         done = out_dir / step.stage / "model.pt"
-        if step.stage not in wanted or (resume and _finished(done, config, step.stage)):
+        if step.stage not in wanted or (resume and _finished(done, config, step.stage, made_from)):
             if any(later.stage in wanted for later in plan.steps[position + 1:]):
                 _load_stage(done, model, len(classes))  # the start of a later stage
             continue
@@ -344,7 +382,8 @@ def _run_plan(config: Config, device: torch.device, *, out_dir: str | Path | Non
             for stale in (checkpoint_dir / step.stage / "checkpoint.pt", done, out_dir / step.stage / "history.json"):
                 stale.unlink(missing_ok=True)
         result = train_stage(config, plan, step, model, out_dir / step.stage, resume=resume, device=device,
-                             classes=classes, checkpoint_dir=checkpoint_dir / step.stage, callback=callback)
+                             classes=classes, checkpoint_dir=checkpoint_dir / step.stage, callback=callback,
+                             made_from=made_from)
         model.load_state_dict(result["model"])  # the next step starts from this stage's model
     last = out_dir / plan.steps[-1].stage / "model.pt"
     final = out_dir / "model.pt"
@@ -354,13 +393,14 @@ def _run_plan(config: Config, device: torch.device, *, out_dir: str | Path | Non
     return final
 
 
-def _finished(path: Path, config: Config, stage: str) -> bool:
-    """A stage's model file exists and was trained under the same config and training code."""
+def _finished(path: Path, config: Config, stage: str, made_from: dict[str, dict[str, str]]) -> bool:
+    """A stage's model file exists and was trained under the same config, code and libraries, on
+    the same data."""
     if not path.exists():
         return False
-    reason = stale_reason(checkpoint.load(path), config, stage)
+    reason = stale_reason(checkpoint.load(path), config, stage, made_from)
     if reason is not None:
-        logger.info("%s was made under %s: training the stage again", path, reason)
+        logger.info("%s was made %s: training the stage again", path, reason)
     return reason is None
 
 

@@ -176,3 +176,58 @@ def test_train_compile_compiles_the_forward_and_keeps_the_weights(tiny_params, t
     assert compiled == [{"mode": "max-autotune-no-cudagraphs"}]  # the eager backend ignores the mode
     assert fast.keys() == eager.keys()  # no "_orig_mod." prefixes in the saved weights
     assert all(torch.allclose(fast[name].float(), eager[name].float(), atol=1e-4) for name in eager)
+
+
+def _drop_a_third_of_the_training_images(raw_dir) -> None:
+    """A new data version: every third image of instances_train2014.json removed, with its annotations."""
+    path = raw_dir / "annotations" / "instances_train2014.json"
+    coco = json.loads(path.read_text())
+    dropped = {image["id"] for image in coco["images"][::3]}
+    coco["images"] = [image for image in coco["images"] if image["id"] not in dropped]
+    coco["annotations"] = [note for note in coco["annotations"] if note["image_id"] not in dropped]
+    path.write_text(json.dumps(coco))
+
+
+def test_resume_on_new_data_starts_over_and_trains_on_it(tiny_params, tiny_data, tmp_path, caplog):
+    from mulcon.data import prepare
+
+    raw = tmp_path / "data" / "demo"
+    shutil.copytree(tiny_data / "data" / "demo", raw)
+    settings = ["train.variant=mulcon_bce", f"data.root={tmp_path / 'data'}", f"data.prepared_root={tmp_path / 'prepared'}"]
+    config = load_config(tiny_params, settings)
+    prepare("demo", raw, config.data.prepared_dir, val_fraction=config.data.val_fraction, seed=config.data.split_seed)
+    first = checkpoint.load(run_training(config, resume=True))
+    before = first["model"]
+    records = []
+    run_training(config, resume=True, callback=records.append)
+    assert records == []  # the same data: nothing to redo
+
+    _drop_a_third_of_the_training_images(raw)
+    counts = prepare("demo", raw, config.data.prepared_dir, val_fraction=config.data.val_fraction,
+                     seed=config.data.split_seed)["counts"]
+    assert counts["train"] + counts["val"] == 16  # 24 images, a third dropped
+    with caplog.at_level("INFO", logger="mulcon.train"):
+        final = run_training(config, resume=True, callback=records.append)
+    assert [(r["stage"], r["epoch"]) for r in records] == [("pretrain", 1), ("pretrain", 2)]  # its 1 + 1 epochs
+    assert "was made on other data (train.csv, val.csv changed): training the stage again" in caplog.text
+    after = checkpoint.load(final)
+    assert after["data"]["train.csv"] != first["data"]["train.csv"]
+    assert after["data"]["classes.json"] == first["data"]["classes.json"]
+    assert any(not torch.equal(before[name], after["model"][name]) for name in before)
+    loader_images = len(mulcon.train.train_loader(config, Step("pretrain", 1, None)).dataset.dataset)
+    assert loader_images == counts["train"]
+
+
+def test_resume_under_other_libraries_starts_over(tiny_params, tmp_path, caplog, monkeypatch):
+    config = load_config(tiny_params, ["train.variant=mulcon_bce"])
+    run_training(config)
+    (tmp_path / "runs" / "mulcon_bce" / "pretrain" / "model.pt").unlink()  # so resume reads checkpoint.pt
+    installed = mulcon.train.library_versions()
+    monkeypatch.setattr(mulcon.train, "library_versions", lambda: {**installed, "torch": "9.9.9"})
+    records = []
+    with caplog.at_level("INFO", logger="mulcon.train"):
+        run_training(config, resume=True, callback=records.append)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert (f"checkpoint.pt was made with other libraries (torch {installed['torch']} -> 9.9.9 changed): "
+            "mulcon_bce/pretrain starts over") in caplog.text
+    assert checkpoint.load(tmp_path / "runs" / "mulcon_bce" / "model.pt")["libraries"]["torch"] == "9.9.9"

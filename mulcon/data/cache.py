@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ from mulcon.data.manifest import SPLITS, read_info, read_manifest
 from mulcon.data.staging import staged_directory
 from mulcon.data.transforms import resize
 from mulcon.errors import DataError
-from mulcon.io import read_json, write_json
+from mulcon.io import file_digest, read_json, usable_cpus, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def cache_dir(prepared_dir: str | os.PathLike, image_size: int) -> Path:
 
 
 def _manifest_digest(prepared_dir: Path, split: str) -> str:
-    return hashlib.sha256((prepared_dir / f"{split}.csv").read_bytes()).hexdigest()
+    return file_digest(prepared_dir / f"{split}.csv")
 
 
 def _resized_pixels(path: Path, image_size: int) -> np.ndarray | None:
@@ -60,12 +61,15 @@ def _resized_pixels(path: Path, image_size: int) -> np.ndarray | None:
         return None
 
 
-def _write_split(path: Path, image_root: Path, paths: list[str], image_size: int, workers: int) -> list[int]:
-    """Write the split's pixels to the .npy at `path`; returns the indices that failed to decode."""
+def _write_split(path: Path, image_root: Path, paths: list[str], image_size: int,
+                 workers: int) -> tuple[list[int], str]:
+    """Write the split's pixels to the .npy at `path`; returns the indices that failed to decode and
+    the SHA-256 of the pixels in manifest order (what a result trained on the cache saw)."""
     shape = (len(paths), image_size, image_size, 3)
+    digest = hashlib.sha256()
     if not paths:  # a memory map cannot be empty
         np.save(path, np.zeros(shape, dtype=np.uint8))
-        return []
+        return [], digest.hexdigest()
     pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
     failed = []
     # PIL releases the GIL while it decodes and resizes: threads use every core. Chunks bound the
@@ -82,9 +86,10 @@ def _write_split(path: Path, image_root: Path, paths: list[str], image_size: int
                 else:
                     pixels[index] = image
                 progress.update()
+            digest.update(pixels[start:start + chunk].tobytes())
     pixels.flush()
     del pixels
-    return failed
+    return failed, digest.hexdigest()
 
 
 def build_cache(prepared_dir: str | os.PathLike, image_size: int, image_root: str | os.PathLike | None = None,
@@ -116,13 +121,13 @@ def build_cache(prepared_dir: str | os.PathLike, image_size: int, image_root: st
     if needed > free:
         raise DataError(f"the image cache at {image_size} px needs {needed / 1e6:.2f} MB and {target.parent} "
                         f"has {free / 1e6:.2f} MB free; free space or leave the cache off")
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = workers or usable_cpus()
     content = {"image_size": image_size, "format": FORMAT, "resize": repr(resize(image_size)), "splits": {}}
     with staged_directory(target, marker=MARKER) as staging:
         for split, paths in manifests.items():
-            failed = _write_split(staging / f"{split}.npy", Path(image_root), paths, image_size, workers)
+            failed, pixels = _write_split(staging / f"{split}.npy", Path(image_root), paths, image_size, workers)
             content["splits"][split] = {"count": len(paths), "manifest_sha256": _manifest_digest(prepared_dir, split),
-                                        "failed": failed}
+                                        "pixels_sha256": pixels, "failed": failed}
         write_json(staging / MARKER, content)
     logger.info("cached %d images at %d px in %s (%.1f GB)", needed // (3 * image_size ** 2), image_size,
                 target, needed / 1e9)
@@ -148,9 +153,10 @@ class ImageCache:
         return Image.fromarray(np.array(self._pixels[index]))
 
 
-def open_cache(prepared_dir: str | os.PathLike, split: str, image_size: int) -> ImageCache | None:
-    """The cache of `split` at `image_size`, or None (the raw images are read) when there is none
-    or it was built from other manifests than the current ones (a warning says so)."""
+def _usable_entry(prepared_dir: Path, split: str, image_size: int) -> tuple[dict, dict] | None:
+    """(cache.json, its entry for `split`) when the cache at `image_size` can stand for the raw
+    images of `split`, else None: no cache, another size or resize rule (a warning), or built from
+    another manifest (a warning)."""
     folder = cache_dir(prepared_dir, image_size)
     if not (folder / MARKER).is_file():
         return None
@@ -158,7 +164,34 @@ def open_cache(prepared_dir: str | os.PathLike, split: str, image_size: int) -> 
     entry = content.get("splits", {}).get(split)
     if content.get("image_size") != image_size or entry is None:
         return None
+    if content.get("resize") != repr(resize(image_size)):
+        logger.warning("%s was resized by %s, the transforms now resize by %s; reading raw images (rebuild "
+                       "the cache)", folder, content.get("resize"), repr(resize(image_size)))
+        return None
     if entry["manifest_sha256"] != _manifest_digest(Path(prepared_dir), split):
         logger.warning("%s was built from another %s.csv; reading raw images (rebuild the cache)", folder, split)
         return None
-    return ImageCache(folder / f"{split}.npy", entry["failed"])
+    return content, entry
+
+
+def open_cache(prepared_dir: str | os.PathLike, split: str, image_size: int) -> ImageCache | None:
+    """The cache of `split` at `image_size`, or None (the raw images are read) when there is none,
+    or it was built from other manifests or under another resize rule than the current ones."""
+    usable = _usable_entry(Path(prepared_dir), split, image_size)
+    if usable is None:
+        return None
+    return ImageCache(cache_dir(prepared_dir, image_size) / f"{split}.npy", usable[1]["failed"])
+
+
+def cache_identity(prepared_dir: str | os.PathLike, splits: tuple[str, ...], image_size: int | None) -> str:
+    """What the loaders of `splits` read images from: "raw images", or a digest of the cache's size,
+    resize rule and index (per split: count, manifest and pixel digests, failed images; "raw" for a
+    split the cache cannot stand for)."""
+    if image_size is None:
+        return "raw images"
+    usable = {split: _usable_entry(Path(prepared_dir), split, image_size) for split in splits}
+    if all(entry is None for entry in usable.values()):
+        return "raw images"
+    index = {"image_size": image_size, "resize": repr(resize(image_size)),
+             "splits": {split: entry[1] if entry else "raw" for split, entry in usable.items()}}
+    return hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()[:16]

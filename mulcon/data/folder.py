@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from mulcon.data.manifest import SPLITS
 from mulcon.data.records import DuplicateCheck, Record, check_inside, csv_rows
 from mulcon.errors import DataError
 
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 CSV_NAME = "labels.csv"
 CLASSES_NAME = "classes.txt"
 COLUMNS = ("image", "labels")
-SPLITS = ("train", "val", "test")
 SEPARATOR = "|"
 LAYOUT_HINT = ("put the photos under {root}/images/ and a file {root}/labels.csv with the columns "
                "image,labels[,split] (labels separated by '|')")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from mulcon.data.coco import read_dataset_with_report
 from mulcon.data.folder import read_folder
+from mulcon.data.manifest import SPLITS
 from mulcon.data.nuswide import read_nuswide
 from mulcon.data.records import Record
 from mulcon.data.voc import read_voc
@@ -37,7 +38,6 @@ from mulcon.io import write_json, write_text
 logger = logging.getLogger(__name__)
 
 DATASETS = ("demo", "coco2014", "nuswide", "voc2007", "folder")
-SPLITS = ("train", "val", "test")
 INFO_NAME = "info.json"  # written last; also marks the folder as replaceable by a later run
 MANIFEST_HEADER = ("image", "labels")
 CHECK_WORKERS = 16  # opening images is I/O bound: threads hide disk and network-filesystem latency
