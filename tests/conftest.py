@@ -59,6 +59,25 @@ def tiny_params(tiny_data, tmp_path) -> Path:
 BIN = Path(sys.executable).parent
 
 
+def reference_map(config, model_file: Path, split: str = "test") -> float:
+    """The model's mAP (percent) on `split`, by scikit-learn: the mean over labels with a positive
+    of average_precision_score on the pairs not ignored. The reference the metric tests compare with."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import average_precision_score
+
+    from mulcon.inference import eval_loader, load_model, predict_scores
+
+    model, _ = load_model(model_file)
+    scores, targets = predict_scores(model, eval_loader(config, split, 64), torch.device("cpu"), "fp32")
+    values = []
+    for label in range(targets.shape[1]):
+        kept = targets[:, label] >= 0
+        if (targets[kept, label] == 1).any():
+            values.append(average_precision_score(targets[kept, label] == 1, scores[kept, label]))
+    return 100 * float(np.mean(values))
+
+
 def _tracked_files() -> list[str]:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.split()

@@ -5,10 +5,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from mulcon.analysis import precision_at_k, retrieve, run_analysis
+from mulcon.analysis import label_embeddings, precision_at_k, retrieve, run_analysis
 from mulcon.config import load_config
+from mulcon.data.dataset import ManifestDataset
+from mulcon.data.transforms import eval_transform
+from mulcon.inference import load_model
 from mulcon.train import run_training
 
 
@@ -48,7 +52,17 @@ def test_run_analysis_writes_figures_and_metrics(tiny_params, tmp_path):
     config = load_config(tiny_params, ["analysis.tsne_images=12", "analysis.precision_k=3"])
     metrics = run_analysis(config, models, tmp_path / "analysis")
     assert set(metrics) >= {"precision_at_3_bce_only", "precision_at_3_mulcon"}
-    assert 0 <= metrics["precision_at_3_mulcon"] <= 100
+    # The reference: a plain loop over queries, each ranking the other images by Euclidean distance.
+    dataset = ManifestDataset(config.data.prepared_dir, "test", eval_transform(config.data.image_size))
+    for name, slug in (("BCE only", "bce_only"), ("MulCon", "mulcon")):
+        embeddings = label_embeddings(load_model(models[name])[0], dataset, torch.device("cpu")).astype(np.float32)
+        hits = []
+        for image, label in zip(*np.nonzero(dataset.targets > 0.5)):
+            distances = np.linalg.norm(embeddings[:, label] - embeddings[image, label], axis=1)
+            distances[image] = np.inf
+            nearest = np.argsort(distances, kind="stable")[:3]
+            hits.append(np.mean(dataset.targets[nearest, label] > 0.5))
+        assert metrics[f"precision_at_3_{slug}"] == pytest.approx(100 * np.mean(hits), abs=1e-3)
     assert json.loads((tmp_path / "analysis" / "metrics.json").read_text()) == metrics
     for figure in ("tsne.png", "retrieval_single.png", "retrieval_multi.png", "attention.png"):
         with Image.open(tmp_path / "analysis" / figure) as image:

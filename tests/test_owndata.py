@@ -19,6 +19,7 @@ import torch
 from mulcon import checkpoint
 from mulcon.data.manifest import read_manifest
 from mulcon.export import ExportError, export_onnx
+from mulcon.inference import eval_loader, load_model, predict_scores
 from tests.conftest import BIN, ROOT, TINY
 from tests.owndata_sets import make_folder, make_mini_voc
 
@@ -127,9 +128,9 @@ def folder_run(tmp_path_factory):
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}",
                    "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     settings = FOLDER
-    info = prepare("folder", tmp_path / "data" / "photos", tmp_path / "prepared" / "photos", val_fraction=0.2)
+    info = prepare("folder", tmp_path / "data" / "photos", tmp_path / "prepared" / "folder" / "photos", val_fraction=0.2)
     assert info["counts"] == {"train": 26, "val": 6, "test": 8}  # 20% test, then 20% of the rest val
-    assert json.loads((tmp_path / "prepared" / "photos" / "classes.json").read_text()) == ["beach", "cat", "dog", "snow"]
+    assert json.loads((tmp_path / "prepared" / "folder" / "photos" / "classes.json").read_text()) == ["beach", "cat", "dog", "snow"]
     trained = mulcon(tmp_path, "train", settings=[*settings, "tracking.enabled=true"], environment=environment)
     assert trained.returncode == 0, trained.stderr
     return tmp_path, environment
@@ -145,19 +146,41 @@ def test_folder_dataset_evaluates_with_calibration(folder_run):
                                                 f"data.prepared_root={tmp_path / 'prepared'}", "evaluate.calibrate=true"])
     model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
     metrics = evaluate_model(config, model_file, tmp_path / "reports")
-    assert metrics["num_images"] == 8 and 0 <= metrics["calibrated_OF1"] <= 100
+    assert metrics["num_images"] == 8
+    # The reference: thresholds found by trying every val score of each class (F1 by hand), then
+    # OF1 on test counted by hand at them.
+    model, _ = load_model(model_file)
+    val_scores, val_targets = predict_scores(model, eval_loader(config, "val", 64), torch.device("cpu"), "fp32")
+    thresholds = []
+    for label in range(val_scores.shape[1]):
+        positives = val_targets[:, label] == 1
+        best = (0.0, config.evaluate.threshold)
+        for candidate in sorted(set(val_scores[:, label].tolist()), reverse=True):
+            predicted = val_scores[:, label] >= candidate
+            f1 = 2 * (predicted & positives).sum() / (predicted.sum() + positives.sum()) if positives.any() else 0.0
+            if f1 > best[0]:
+                best = (f1, candidate)
+        thresholds.append(best[1])
+    test_scores, test_targets = predict_scores(model, eval_loader(config, "test", 64), torch.device("cpu"), "fp32")
+    predicted, positives = test_scores >= np.asarray(thresholds), test_targets == 1
+    correct = (predicted & positives).sum()
+    precision, recall = correct / max(predicted.sum(), 1), correct / positives.sum()
+    expected = 100 * 2 * precision * recall / (precision + recall) if correct else 0.0
+    assert metrics["calibrated_OF1"] == pytest.approx(expected, abs=1e-3)
+    assert json.loads((tmp_path / "reports" / "thresholds.json").read_text())["thresholds"] == pytest.approx(
+        dict(zip(["beach", "cat", "dog", "snow"], thresholds)))
 
 
 def test_folder_model_exported_registered_and_served_with_calibrated_thresholds(folder_run):
     tmp_path, environment = folder_run
     settings = FOLDER
     model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
-    exported = mulcon(tmp_path, "export", "--model", "models:/mulcon-folder/1", "--format", "onnx", "--out",
+    exported = mulcon(tmp_path, "export", "--model", "models:/mulcon-folder-photos/1", "--format", "onnx", "--out",
                       str(tmp_path / "m.onnx"), "--register", settings=[*settings, "tracking.enabled=true"],
                       environment=environment)
     assert exported.returncode == 0, exported.stderr
     difference = float(re.search(r"largest \|difference\| (\S+) \(limit 1e-04\)", exported.stdout).group(1))
-    assert difference <= 1e-4 and "attached to mulcon-folder version 1" in exported.stdout
+    assert difference <= 1e-4 and "attached to mulcon-folder-photos version 1" in exported.stdout
     os.environ["MLFLOW_TRACKING_URI"] = environment["MLFLOW_TRACKING_URI"]
     try:
         import mlflow
@@ -165,10 +188,10 @@ def test_folder_model_exported_registered_and_served_with_calibrated_thresholds(
 
         from mulcon.serving import ImageClassifier, encode_image, load_scorer
 
-        artifact = mlflow.MlflowClient().get_model_version("mulcon-folder", "1").tags["onnx"]
+        artifact = mlflow.MlflowClient().get_model_version("mulcon-folder-photos", "1").tags["onnx"]
         downloaded = mlflow.artifacts.download_artifacts(artifact, dst_path=str(tmp_path / "download"))
         assert Path(downloaded).read_bytes() == (tmp_path / "m.onnx").read_bytes()
-        served = mlflow.pyfunc.load_model("models:/mulcon-folder/1")
+        served = mlflow.pyfunc.load_model("models:/mulcon-folder-photos/1")
         images = sorted(str(path) for path in (tmp_path / "data" / "photos" / "images").rglob("*.jpg"))[:4]
         answer = served.predict(pd.DataFrame({"image": [encode_image(path) for path in images]}),
                                 params={"calibrated": True})

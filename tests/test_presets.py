@@ -9,7 +9,7 @@ from mulcon import checkpoint
 from mulcon.config import load_config
 from mulcon.evaluate import evaluate_model
 from mulcon.train import run_training
-from tests.conftest import ROOT
+from tests.conftest import ROOT, reference_map
 
 PRESETS = sorted(path.name for path in (ROOT / "configs").glob("*.yaml"))
 SHRUNK = ["data.dataset=demo", "data.image_size=32", "data.num_workers=0", "data.cache=false",
@@ -43,4 +43,4 @@ def test_preset_trains_both_steps_and_evaluates(preset, tiny_data, tmp_path):
         assert torch.equal(stage[name], state["ema"][f"module.{name}"])
         assert not torch.equal(stage[name], state["model"][name])
     metrics = evaluate_model(config, final, tmp_path / "reports")
-    assert 0 <= metrics["mAP"] <= 100 and metrics["num_images"] == 12
+    assert metrics["mAP"] == pytest.approx(reference_map(config, final), abs=1e-3) and metrics["num_images"] == 12
