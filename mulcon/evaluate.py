@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 PR_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 CALIBRATED_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 THRESHOLDS_NAME = "thresholds.json"
+# The headline of an evaluation, `summary.json`: the DVC metrics file of an evaluate stage (what
+# `dvc metrics show` and `dvc exp show` list); the whole set stays in metrics.json, a plain file.
+HEADLINE = ("mAP", "CF1", "OF1")
 
 
 def pr_curve_rows(scores: np.ndarray, targets: np.ndarray, classes: list[str]) -> list[tuple]:
@@ -104,8 +107,9 @@ def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np
                   targets: np.ndarray, classes: list[str], run_dir: Path | None = None) -> list[Path]:
     """Write the report files of an evaluation into `out_dir`, each atomically; return their paths.
 
-    metrics.json, per_class_ap.csv, pr_curve.csv (micro-average), pr_curve_per_class.csv,
-    pr_curve.png, scores.npz and, when `run_dir` holds per-stage histories, history.csv.
+    metrics.json, summary.json (HEADLINE), per_class_ap.csv, pr_curve.csv (micro-average),
+    pr_curve_per_class.csv, pr_curve.png, scores.npz and, when `run_dir` holds per-stage histories,
+    history.csv.
     """
     out_dir = Path(out_dir)
     ap_rows = [(name, int((targets[:, c] == 1).sum()), "" if np.isnan(ap) else round(float(ap), 4))
@@ -126,8 +130,9 @@ def write_reports(out_dir: str | Path, metrics: dict[str, Any], per_class_ap: np
         rows = [[record.get(column, "") for column in columns] for record in history]
         write_text(out_dir / "history.csv", _csv_text(columns, rows))
         files.append(out_dir / "history.csv")
+    write_json(out_dir / "summary.json", {key: metrics[key] for key in HEADLINE})
     write_json(out_dir / "metrics.json", metrics)
-    return [out_dir / "metrics.json", *files]
+    return [out_dir / "metrics.json", out_dir / "summary.json", *files]
 
 
 def evaluate_model(config: Config, model_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:

@@ -135,10 +135,18 @@ def test_too_little_disk_space_is_refused_before_writing(prepared, monkeypatch):
     assert not cache_dir(prepared, SIZE).exists()
 
 
-def test_cache_json_names_the_resize(prepared):
+def test_a_cache_built_under_another_resize_rule_is_refused(prepared, caplog):
     build_cache(prepared, SIZE)
-    content = json.loads((cache_dir(prepared, SIZE) / "cache.json").read_text())
+    marker = cache_dir(prepared, SIZE) / "cache.json"
+    content = json.loads(marker.read_text())
     assert "Resize" in content["resize"] and "40" in content["resize"]
+    assert open_cache(prepared, "test", SIZE) is not None
+    content["resize"] = content["resize"].replace("bilinear", "nearest").replace("BILINEAR", "NEAREST")
+    assert content["resize"] != json.loads(marker.read_text())["resize"]
+    marker.write_text(json.dumps(content))  # as a cache built by an older rule would record it
+    with caplog.at_level(logging.WARNING):
+        assert open_cache(prepared, "test", SIZE) is None
+    assert "was resized by" in caplog.text and "reading raw images (rebuild the cache)" in caplog.text
 
 
 @pytest.mark.parametrize("size", [32, 45])

@@ -21,7 +21,7 @@ import yaml
 from mulcon import checkpoint
 from tests.conftest import dvc, make_repo
 
-METRICS = "reports/mulcon/metrics.json"
+METRICS = "reports/mulcon/summary.json"  # the evaluate stage's DVC metrics file
 
 
 def git(repo, environment, *args: str) -> str:

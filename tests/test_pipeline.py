@@ -4,11 +4,13 @@ and a repro killed mid-training resumes from its checkpoint without redoing fini
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 
+from mulcon.config import VARIANTS
 from tests.conftest import dvc, make_repo
 
 def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path, postgres_mlflow_server):
@@ -27,8 +29,18 @@ def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path, postgres_mlflow_serve
     assert "## Table 1: COCO-2014" in results and "## This run: demo" in results and "| MulCon (ours) |" in results
     assert "Data and pipelines are up to date" in dvc(repo, environment, "status").stdout
     metrics = dvc(repo, environment, "metrics", "show").stdout
-    assert "reports/mulcon/metrics.json" in metrics and "mAP" in metrics
-    assert "precision_at_10_mulcon" in metrics  # the analyze stage's metrics
+    header = metrics.splitlines()[0].split()
+    assert header[:4] == ["Path", "mAP", "CF1", "OF1"] and len(header) <= 25, header  # fits a terminal
+    assert "reports/mulcon/summary.json" in metrics and "reports/ablation.json" in metrics
+    assert {f"mAP_diff.{variant}" for variant in VARIANTS} <= set(header)
+    # Plain `dvc exp show` in a 200-column terminal: every variant's mAP in the first columns.
+    shown = subprocess.run(["dvc", "exp", "show", "--no-pager"], cwd=repo, env={**environment, "COLUMNS": "200"},
+                           capture_output=True, text=True, check=True).stdout
+    headline = json.loads((repo / "reports" / "ablation.json").read_text())["mAP"]
+    workspace = next(line for line in shown.splitlines() if line.strip().startswith("workspace"))
+    assert all(len(line) <= 200 for line in shown.splitlines())
+    for variant, value in headline.items():
+        assert f"mAP.{variant}" in shown and f"{value:.5g}" in workspace, (variant, shown)
     for figure in ("tsne.png", "retrieval_single.png", "retrieval_multi.png", "attention.png"):
         assert (repo / "reports" / "analysis" / figure).stat().st_size > 1000
     dvc(repo, environment, "plots", "show", "-o", str(tmp_path / "plots"))

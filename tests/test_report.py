@@ -106,3 +106,30 @@ def test_cli_report_prints_the_spread_table(tmp_path):
                              "-S", "train.seeds=[1]"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "seeds 0, 1: mean ± std" in result.stdout and "| Backbone with BCE |" in result.stdout
+
+
+def test_ignored_pairs_are_left_out_of_the_paired_difference_as_of_the_map_column(tmp_path):
+    """scores.npz as evaluate writes it, with -1 for ignored pairs (VOC-2007's difficult objects): the
+    observed difference is exactly the difference of the two variants' mAP, each computed by
+    mulcon.metrics with the ignored pairs left out, and differs from counting them as negatives."""
+    from mulcon.evaluate import write_scores
+    from mulcon.metrics import average_precision
+
+    rng = np.random.default_rng(5)
+    targets = (rng.random((80, len(CLASSES))) < 0.4).astype(np.float32)
+    targets[0], targets[1] = 1, 0
+    targets[rng.random(targets.shape) < 0.15] = -1  # ignored pairs
+    maps = {}
+    for variant in VARIANTS:
+        scores = (QUALITY[variant] * (targets == 1) + rng.normal(size=targets.shape)).astype(np.float32)
+        scores[targets == -1] += 3.0  # ignored pairs scored high: they would be false positives if counted
+        write_scores(tmp_path / variant / "scores.npz", scores, targets)
+        maps[variant] = float(np.nanmean(average_precision(scores, targets)))  # percent
+        with np.load(tmp_path / variant / "scores.npz") as stored:
+            assert np.array_equal(stored["targets"], targets)  # 1, 0 and -1 as written
+    for variant in VARIANTS:
+        point, _, _ = paired_difference(tmp_path, variant, [0], samples=20)
+        assert point == pytest.approx(maps[variant] - maps["mulcon"], abs=1e-9)
+    counted = {variant: _sklearn_map(np.load(tmp_path / variant / "scores.npz")["scores"], targets == 1)
+               for variant in ("backbone_bce", "mulcon")}
+    assert abs((counted["backbone_bce"] - counted["mulcon"]) - (maps["backbone_bce"] - maps["mulcon"])) > 0.1
