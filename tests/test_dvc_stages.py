@@ -4,6 +4,7 @@ reruns it, and a change anywhere else reruns nothing."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 
@@ -87,3 +88,151 @@ def test_every_command_loads_its_config_under_the_ablation_seeds(tmp_path):
             load_config(tmp_path / "params.yaml", overrides)  # raises ConfigError on a clash
             checked += 1
     assert checked >= 4
+
+
+# ---- params: the config keys each stage's code reads, from the source (ast), in both directions ----
+
+@functools.lru_cache(maxsize=None)
+def _config_names() -> tuple[dict, dict, dict, dict]:
+    """Sections {name: class}, their fields, their properties (`_properties`) and {class name: section}."""
+    import dataclasses
+
+    sections = _sections()
+    return (sections, {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()},
+            {name: _properties(cls) for name, cls in sections.items()},
+            {cls.__name__: name for name, cls in sections.items()})
+
+
+def _sections() -> dict[str, type]:
+    import typing
+
+    from mulcon.config import Config
+    return typing.get_type_hints(Config)
+
+
+def _properties(cls: type) -> dict[str, set[str]]:
+    """{property: the fields it reads (through other properties too)} of a config dataclass."""
+    import ast
+    import inspect
+
+    source = ast.parse(inspect.getsource(cls))
+    reads = {}
+    for node in ast.walk(source):
+        if isinstance(node, ast.FunctionDef) and any(getattr(d, "id", "") == "property" for d in node.decorator_list):
+            reads[node.name] = {sub.attr for sub in ast.walk(node) if isinstance(sub, ast.Attribute)
+                                and isinstance(sub.value, ast.Name) and sub.value.id == "self"}
+    fields = {field.name for field in __import__("dataclasses").fields(cls)}
+    resolved = {}
+    for name in reads:
+        todo, found = [name], set()
+        while todo:
+            for item in reads[todo.pop()]:
+                if item in fields:
+                    found.add(item)
+                elif item in reads and item not in found:
+                    todo.append(item)
+        resolved[name] = found
+    return resolved
+
+
+def _keys_read(source: str) -> tuple[set[str], set[str]]:
+    """(dotted keys read field by field, sections passed on whole) in one module's source: chains
+    `<anything>.<section>.<field or property>`, and `<name>.<field>` where `name` is a parameter
+    annotated with the section's config class (`train: TrainConfig`)."""
+    import ast
+
+    sections, fields, properties, classes = _config_names()
+
+    def keys(section: str, attribute: str) -> set[str]:
+        if attribute in fields[section]:
+            return {f"{section}.{attribute}"}
+        return {f"{section}.{field}" for field in properties[section].get(attribute, set())}
+
+    read, whole = set(), set()
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            typed = {arg.arg: classes[getattr(arg.annotation, "id", "")] for arg in node.args.args + node.args.kwonlyargs
+                     if getattr(arg.annotation, "id", "") in classes}
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in typed:
+                    read |= keys(typed[sub.value.id], sub.attr)
+        if isinstance(node, ast.Attribute) and node.attr in sections:
+            parent = parents.get(node)
+            if isinstance(parent, ast.Attribute) and parent.value is node:
+                read |= keys(node.attr, parent.attr)
+            elif not isinstance(node.value, ast.Name) or node.value.id != "self":
+                whole.add(node.attr)
+    return read, whole
+
+
+def _cli_source(verb: str) -> str:
+    """The body of the CLI function of `verb` (it picks the config values the library call gets)."""
+    import inspect
+
+    from mulcon import cli
+    return inspect.getsource(cli.COMMANDS[verb][0])
+
+
+# Keys a stage's code reads that its part of the work never uses. The pretrain stage trains MulCon's
+# step 1 only (`mulcon.train.same_result_config`: the finetune section cannot change it). evaluate and
+# analyze rebuild each network from the config saved in its model file, not from params.
+NOT_IN_STEP = {"pretrain": {"finetune.", "loss.contrastive_weight", "loss.temperature", "train.finetune_epochs"},
+               "evaluate": {"model."}, "analyze": {"model."}}
+
+
+def _params_needed(name: str, stage: dict) -> tuple[set[str], set[str]]:
+    """(keys the stage's commands read that can change its outputs, keys they may read at all)."""
+    from mulcon.config import RESULT_INDEPENDENT
+    from mulcon.fingerprint import STAGE_MODULES, module_file
+
+    read, whole = set(), set()
+    set_by_command = set()
+    for command in _commands(stage):
+        verb = re.search(r"python -m mulcon (\S+)", command).group(1)
+        set_by_command |= {match.split("=")[0] for match in re.findall(r"-S '?([\w.]+=)", command)}
+        modules = closure(STAGE_MODULES[verb]) - {"mulcon.config"}  # its checks read keys, its properties count
+        for source in [_cli_source(verb)] + [module_file(module).read_text(encoding="utf-8") for module in modules]:
+            found, passed = _keys_read(source)
+            read, whole = read | found, whole | passed
+    # Paths in the stage's own deps and outs, and data.name through the prepared folder's content.
+    covered = RESULT_INDEPENDENT | {key.rstrip("=") for key in set_by_command} | {
+        "data.dataset", "data.name", "data.root", "data.prepared_root", "train.out_root", "evaluate.out_root"}
+    skipped = NOT_IN_STEP.get(name, set())
+    needed = {key for key in read if key not in covered and not any(key.startswith(prefix) for prefix in skipped)}
+    return needed, read | {f"{section}." for section in whole}
+
+
+def _listed(stage: dict) -> set[str]:
+    return {str(param) for param in stage.get("params", [])}
+
+
+def _covers(listed: set[str], key: str) -> bool:
+    return key in listed or key.split(".")[0] in listed
+
+
+def test_every_stage_lists_exactly_the_params_its_commands_read():
+    wrong = {}
+    for name, stage in _stages().items():
+        needed, readable = _params_needed(name, stage)
+        listed = _listed(stage)
+        missing = sorted(key for key in needed if not _covers(listed, key))
+        unread = sorted(param for param in listed if not any(
+            key == param or key.startswith(f"{param}.") or param.startswith(key) for key in readable))
+        if missing or unread:
+            wrong[name] = {"missing": missing, "not read": unread}
+    assert wrong == {}
+
+
+def test_a_missing_and_an_unread_param_are_both_found():
+    stage = _stages()["prepare"]
+    needed, readable = _params_needed("prepare", stage)
+    assert "data.split_seed" in needed and "data.val_fraction" in needed
+    assert not any(key == "train.seed" for key in readable)  # prepare's val carve no longer uses it
+    needed, _ = _params_needed("pretrain", _stages()["pretrain"])
+    assert "train.grad_clip" in needed and "loss.bce_reduction" in needed and "loss.temperature" not in needed
+    needed, readable = _params_needed("evaluate", _stages()["evaluate"])
+    assert "train.precision" in needed  # autocast on CUDA: the scores depend on it
+    _, readable = _params_needed("report", _stages()["report"])
+    assert "train.seeds" in readable and not any(key.startswith("model") for key in readable)
