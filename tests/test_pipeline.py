@@ -13,6 +13,31 @@ import time
 from mulcon.config import VARIANTS
 from tests.conftest import dvc, make_repo
 
+def terminal_output(command: list[str], cwd, environment: dict[str, str], columns: int) -> list[str]:
+    """The lines `command` prints to a terminal `columns` wide (a pseudo-terminal, so DVC renders its table as
+    for a person, through a pager: here `cat`, where a person's `less -S` would show the first `columns`)."""
+    import pty
+    import re
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, cwd=cwd, env={**environment, "COLUMNS": str(columns), "DVC_PAGER": "cat"},
+                               stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the follower closed: the command ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=120)
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    return text.replace("\r", "").splitlines()
+
+
 def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path, postgres_mlflow_server):
     """Against an MLflow server backed by PostgreSQL, artifacts on S3 (sqlite:///mlflow.db, the
     embedded default, is what the other tests and `make demo` use)."""
@@ -33,14 +58,13 @@ def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path, postgres_mlflow_serve
     assert header[:4] == ["Path", "mAP", "CF1", "OF1"] and len(header) <= 25, header  # fits a terminal
     assert "reports/mulcon/summary.json" in metrics and "reports/ablation.json" in metrics
     assert {f"mAP_diff.{variant}" for variant in VARIANTS} <= set(header)
-    # Plain `dvc exp show` in a 200-column terminal: every variant's mAP in the first columns.
-    shown = subprocess.run(["dvc", "exp", "show", "--no-pager"], cwd=repo, env={**environment, "COLUMNS": "200"},
-                           capture_output=True, text=True, check=True).stdout
+    # Plain `dvc exp show` in a 200-column terminal: every variant's mAP on the first screen.
+    screen = [line[:200] for line in terminal_output(["dvc", "exp", "show"], repo, environment, columns=200)]
     headline = json.loads((repo / "reports" / "ablation.json").read_text())["mAP"]
-    workspace = next(line for line in shown.splitlines() if line.strip().startswith("workspace"))
-    assert all(len(line) <= 200 for line in shown.splitlines())
+    header = next(line for line in screen if "Experiment" in line)
+    workspace = next(line for line in screen if line.strip().startswith("workspace"))
     for variant, value in headline.items():
-        assert f"mAP.{variant}" in shown and f"{value:.5g}" in workspace, (variant, shown)
+        assert f"mAP.{variant}" in header and f"{value:.5g}" in workspace, (variant, screen)
     for figure in ("tsne.png", "retrieval_single.png", "retrieval_multi.png", "attention.png"):
         assert (repo / "reports" / "analysis" / figure).stat().st_size > 1000
     dvc(repo, environment, "plots", "show", "-o", str(tmp_path / "plots"))
