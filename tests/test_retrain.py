@@ -61,8 +61,8 @@ def test_new_data_retrains_every_training_stage_and_a_rerun_trains_nothing(tmp_p
     assert "resuming" not in output
     for variant, stage in (("mulcon", "pretrain"), ("mulcon", "finetune"), ("mulcon_bce", "pretrain")):
         # The cache is on (params.yaml): its index changed with the manifests.
-        assert (f"was made on other data (image cache, train.csv, val.csv changed): {variant}/{stage} starts over"
-                in output), output
+        assert (f"was made on other data (image cache, train images, train.csv, ... changed): {variant}/{stage} "
+                "starts over" in output), output
     for variant, weights in before.items():
         after = _weights(repo, variant)
         assert any(not torch.equal(weights[name], after[name]) for name in weights), variant

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 import mulcon.train
 from mulcon import checkpoint
@@ -210,13 +211,25 @@ def test_resume_on_new_data_starts_over_and_trains_on_it(tiny_params, tiny_data,
     with caplog.at_level("INFO", logger="mulcon.train"):
         final = run_training(config, resume=True, callback=records.append)
     assert [(r["stage"], r["epoch"]) for r in records] == [("pretrain", 1), ("pretrain", 2)]  # its 1 + 1 epochs
-    assert "was made on other data (train.csv, val.csv changed): training the stage again" in caplog.text
+    assert ("was made on other data (train images, train.csv, val images, ... changed): training the stage again"
+            in caplog.text)
     after = checkpoint.load(final)
     assert after["data"]["train.csv"] != first["data"]["train.csv"]
     assert after["data"]["classes.json"] == first["data"]["classes.json"]
     assert any(not torch.equal(before[name], after["model"][name]) for name in before)
     loader_images = len(mulcon.train.train_loader(config, Step("pretrain", 1, None)).dataset.dataset)
     assert loader_images == counts["train"]
+
+    # A photo replaced under its old name: the manifests stay as they were, the images do not.
+    records.clear()
+    name = (config.data.prepared_dir / "train.csv").read_text().splitlines()[1].split(",")[0]
+    with Image.open(raw / name) as image:
+        ImageOps.mirror(image).save(raw / name)
+    prepare("demo", raw, config.data.prepared_dir, val_fraction=config.data.val_fraction, seed=config.data.split_seed)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mulcon.train"):
+        run_training(config, resume=True, callback=records.append)
+    assert len(records) == 2 and "was made on other data (train images changed)" in caplog.text
 
 
 def test_resume_under_other_libraries_starts_over(tiny_params, tmp_path, caplog, monkeypatch):

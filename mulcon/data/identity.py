@@ -9,6 +9,7 @@ names the part that changed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,7 +29,9 @@ def data_identity(prepared_dir: str | os.PathLike, splits: tuple[str, ...], cach
 
     Returns:
         classes.json and <split>.csv mapped to the SHA-256 of the file (16 hex digits; "missing"
-        when absent), and "image cache" to `mulcon.data.cache.cache_identity`.
+        when absent), "<split> images" to the digest of the split's image files that `prepare`
+        recorded in info.json (their bytes: a photo replaced under its old name counts), and
+        "image cache" to `mulcon.data.cache.cache_identity`.
     """
     prepared_dir = Path(prepared_dir)
 
@@ -37,8 +40,18 @@ def data_identity(prepared_dir: str | os.PathLike, splits: tuple[str, ...], cach
         return file_digest(path)[:16] if path.is_file() else "missing"
 
     identity = {name: digest(name) for name in ("classes.json", *(f"{split}.csv" for split in splits))}
+    images = _images_digests(prepared_dir)
+    identity.update({f"{split} images": images.get(split, "unrecorded")[:16] for split in splits})
     identity[CACHE_KEY] = cache_identity(prepared_dir, splits, cache_size)
     return identity
+
+
+def _images_digests(prepared_dir: Path) -> dict[str, str]:
+    """info.json's per-split digest of image paths and bytes (`prepare` records it), or {}."""
+    try:
+        return json.loads((prepared_dir / "info.json").read_text(encoding="utf-8")).get("images_sha256") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def identity_changes(saved: dict[str, str] | None, current: dict[str, str]) -> list[str]:

@@ -8,13 +8,15 @@ Output folder (written all or nothing):
   neither positive nor negative for the image; manifests without it read as before. val is carved
   from train (the paper reports on the official test split: val2014 for COCO, "val" rows for
   NUS-WIDE, `test` for VOC-2007) unless the reader gives one (a folder dataset's split column).
-- `info.json`: dataset, image_root, counts and labels per image per split, skipped files with reasons.
+- `info.json`: dataset, image_root, counts and labels per image per split, skipped files with reasons,
+  and per split a SHA-256 of its images' paths and bytes (`images_sha256`: part of a result's data identity).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -33,7 +35,7 @@ from mulcon.data.records import Record
 from mulcon.data.voc import read_voc
 from mulcon.data.staging import check_replaceable, staged_directory
 from mulcon.errors import ConfigError, DataError
-from mulcon.io import write_json, write_text
+from mulcon.io import file_digest, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +76,26 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def _filter_images(raw_dir: Path,
-                   splits: dict[str, list[Record]]) -> tuple[dict[str, list[Record]], list[dict]]:
-    """Drop records whose image is missing or does not decode; list them with reasons."""
+def _checked(path: Path) -> tuple[str | None, str | None]:
+    """(why `path` is unusable or None, the SHA-256 of its bytes when usable)."""
+    reason = check_image(path)
+    return reason, (file_digest(path) if reason is None else None)
+
+
+def _filter_images(raw_dir: Path, splits: dict[str, list[Record]]) -> tuple[dict[str, list[Record]], list[dict],
+                                                                              dict[str, str]]:
+    """Drop records whose image is missing or does not decode; list them with reasons. Also returns
+    the SHA-256 of each kept image's bytes, by path."""
     tagged = [(split, record) for split, records in splits.items() for record in records]
     with concurrent.futures.ThreadPoolExecutor(CHECK_WORKERS) as pool:
-        reasons = list(tqdm(pool.map(lambda item: check_image(raw_dir / item[1][0]), tagged),
+        checked = list(tqdm(pool.map(lambda item: _checked(raw_dir / item[1][0]), tagged),
                             total=len(tagged), desc="checking images", unit="img"))
     kept: dict[str, list[Record]] = {split: [] for split in splits}
-    skipped = []
-    for (split, record), reason in zip(tagged, reasons):
+    skipped, digests = [], {}
+    for (split, record), (reason, digest) in zip(tagged, checked):
         if reason is None:
             kept[split].append(record)
+            digests[record[0]] = digest
         else:
             skipped.append({"image": record[0], "split": split, "reason": reason})
     for entry in skipped[:5]:
@@ -93,7 +103,16 @@ def _filter_images(raw_dir: Path,
                        raw_dir / entry["image"], entry["split"], entry["reason"])
     if len(skipped) > 5:
         logger.warning("skipping %d more unusable images; all are listed in %s", len(skipped) - 5, INFO_NAME)
-    return kept, skipped
+    return kept, skipped, digests
+
+
+def images_digest(records: list[Record], digests: dict[str, str]) -> str:
+    """One SHA-256 over a split's image paths and contents, in manifest order: what a result trained
+    on the raw images saw (`mulcon.data.identity`)."""
+    combined = hashlib.sha256()
+    for record in records:
+        combined.update(f"{record[0]}\0{digests[record[0]]}\n".encode())
+    return combined.hexdigest()
 
 
 def carve_validation(records: list[Record], val_fraction: float,
@@ -163,7 +182,7 @@ def prepare(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
     raw_dir = Path(raw_dir)
     check_replaceable(Path(out_dir), INFO_NAME)  # fail before the long image check, not after
     classes, raw_splits, reader_report = _read_raw(dataset, raw_dir, test_fraction, seed)
-    kept, skipped = _filter_images(raw_dir, raw_splits)
+    kept, skipped, digests = _filter_images(raw_dir, raw_splits)
     if "val" in kept:  # the reader's own val split (a folder dataset's split column)
         splits = dict(kept)
     else:
@@ -176,6 +195,7 @@ def prepare(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
                             f"({len(raw_splits[split])} listed, {len(raw_splits[split]) - len(kept[split])} "
                             f"missing or corrupt{f'; {missing} listed files missing in all splits' if missing else ''})")
     info = _info(dataset, raw_dir, splits, skipped, reader_report, len(classes), val_fraction, seed)
+    info["images_sha256"] = {split: images_digest(splits[split], digests) for split in SPLITS}
     with staged_directory(out_dir, marker=INFO_NAME) as staging:
         write_json(staging / "classes.json", classes)
         with_ignore = any(len(record) > 2 and record[2] for records in splits.values() for record in records)
