@@ -39,6 +39,8 @@ def git_credentials() -> Iterator[None]:
     if not os.environ.get(PASSWORD):
         yield
         return
+    from scmrepo.git.credentials import memory_helper
+
     saved = {name: os.environ.get(name) for name in ("GIT_ASKPASS", "GIT_TERMINAL_PROMPT")}
     with tempfile.TemporaryDirectory(prefix="mulcon-git-") as folder:
         program = Path(folder) / "askpass"
@@ -46,6 +48,7 @@ def git_credentials() -> Iterator[None]:
                                           default=DEFAULT_USERNAME))
         program.chmod(0o700)
         os.environ.update(GIT_ASKPASS=str(program), GIT_TERMINAL_PROMPT="0")
+        memory_helper.__dict__.pop("askpass", None)  # scmrepo reads GIT_ASKPASS once, at its first prompt
         try:
             yield
         finally:
@@ -54,3 +57,4 @@ def git_credentials() -> Iterator[None]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+            memory_helper.__dict__.pop("askpass", None)
