@@ -3,7 +3,7 @@
 prepare -> pretrain -> finetune -> evaluate (the MulCon model, trained once, as in dvc.yaml);
 the four other Table 3 variants in a ParallelFor (train_variant -> evaluate); report (Table 3 with
 all five rows); promote (challenger, and champion when better). The multi-node pipeline
-(`build_pipeline(multinode=True)`, the same pipeline function) trains the MulCon model with a
+(`build_pipeline(image, multinode=True)`, the same pipeline function) trains the MulCon model with a
 PyTorchJob over several nodes instead of pretrain -> finetune.
 
 The parameters' defaults (dataset, epochs) are read from params.yaml when the pipeline is built, so

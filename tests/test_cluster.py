@@ -124,9 +124,10 @@ def test_a_killed_training_task_resumes_in_a_new_pod_from_the_checkpoint_volume(
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
+    if first.poll() is None:
+        os.killpg(first.pid, signal.SIGKILL)
     output = first.communicate()[0]
-    assert first.returncode == -signal.SIGKILL, "the task finished, or failed, before it could be killed:\n" + output
+    assert first.returncode == -signal.SIGKILL, f"no checkpoint at {checkpoint} before the task ended:\n" + output[-3000:]
     assert not list((tmp_path / "pod-1").rglob("checkpoint.pt"))  # nothing in the container's own file system
     retry = train_in_a_pod(data, tmp_path / "pod-2", tmp_path / "model-2")
     output = retry.communicate(timeout=600)[0]
