@@ -5,7 +5,6 @@ data folder, and its DVC remote (the default one, or `remote`) holds that conten
 downloads exactly those files with DVC (S3 remotes through boto3, credentials from the usual AWS_*
 variables) and returns the md5 `data.dvc` records, the `data_version` tag of the MLflow runs.
 An empty revision takes the working directory's data instead (local runs on the generated demo).
-A private repository's credentials come from the optional secret `mulcon-git` (`components.gitauth`).
 """
 
 from __future__ import annotations
@@ -53,8 +52,5 @@ def fetch_dataset(path: str, out_dir: str | Path, *, repo_url: str = "", revisio
     import dvc.api
     from dvc.repo import Repo
 
-    from components.gitauth import git_credentials
-
-    with git_credentials():
-        Repo.get(repo_url, path, out=str(out_dir), rev=revision, remote=remote or None)
-        return _data_md5(dvc.api.read("data.dvc", repo=repo_url, rev=revision))
+    Repo.get(repo_url, path, out=str(out_dir), rev=revision, remote=remote or None)
+    return _data_md5(dvc.api.read("data.dvc", repo=repo_url, rev=revision))

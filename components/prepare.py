@@ -15,7 +15,8 @@ def prepare(dataset: str, data_revision: str, repo_url: str, dvc_remote: str, pa
     """Fetch `<data.root>/<folder>` (the dataset, or data.name for a folder dataset) at git revision
     `data_revision` of `repo_url` through DVC (the working directory's data when the revision is "")
     into `<data_root>/<pipeline_run>/data` on the data volume, then `python -m mulcon prepare` there
-    (manifests and image cache in `<data_root>/<pipeline_run>/prepared`).
+    (manifests and image cache in `<data_root>/<pipeline_run>/prepared`). A private repository's
+    credentials come from the optional secret `mulcon-git` (`components.gitauth`).
 
     `data` holds only `params.yaml`, which every later step reads: the params file with the
     overrides, the dataset and the epochs applied, the data paths on the volume and
@@ -30,6 +31,7 @@ def prepare(dataset: str, data_revision: str, repo_url: str, dvc_remote: str, pa
     import yaml
 
     from components.data import fetch_dataset
+    from components.gitauth import git_credentials
     from mulcon.config import load_config, to_dict
     from mulcon.launch import launch
 
@@ -42,8 +44,9 @@ def prepare(dataset: str, data_revision: str, repo_url: str, dvc_remote: str, pa
     os.makedirs(scratch)
     tempfile.tempdir = scratch  # DVC's clone of the repository: on the volume too, not on the pod's disk
     try:
-        version = fetch_dataset(str(source.raw_dir), os.path.join(run_dir, "data", source.folder_name),
-                                repo_url=repo_url, revision=data_revision, remote=dvc_remote)
+        with git_credentials():  # the optional secret mulcon-git, for a private repo_url
+            version = fetch_dataset(str(source.raw_dir), os.path.join(run_dir, "data", source.folder_name),
+                                    repo_url=repo_url, revision=data_revision, remote=dvc_remote)
     finally:
         tempfile.tempdir = None
     shutil.rmtree(scratch)
@@ -51,10 +54,11 @@ def prepare(dataset: str, data_revision: str, repo_url: str, dvc_remote: str, pa
              f"train.checkpoint_root={checkpoint_root}"]
     params = os.path.join(data.path, "params.yaml")
     os.makedirs(data.path, exist_ok=True)
+    resolved = load_config(params_file, [*settings, *paths])
     with open(params, "w") as handle:
-        yaml.safe_dump(to_dict(load_config(params_file, [*settings, *paths])), handle, sort_keys=False)
+        yaml.safe_dump(to_dict(resolved), handle, sort_keys=False)
     launch(["prepare", "--params", params])
-    with open(os.path.join(run_dir, "prepared", source.folder_name, "info.json")) as handle:
+    with open(os.path.join(resolved.data.prepared_dir, "info.json")) as handle:
         counts = json.load(handle)["counts"]
     data.metadata.update(data_version=version, revision=data_revision or "working tree", dataset=dataset,
                          data_dir=run_dir, **counts)

@@ -75,9 +75,9 @@ def stage_data(data_dir: str, params_file: str, workspace: Path) -> list[str]:
     if not target.is_dir():
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(data_dir, partial)
-        for info in partial.glob("prepared/*/info.json"):
+        for info in partial.glob("prepared/**/info.json"):  # the images' folder, under the copy
             values = json.loads(info.read_text())
-            values["image_root"] = str(target / "data" / info.parent.name)
+            values["image_root"] = str(target / Path(values["image_root"]).relative_to(data_dir))
             info.write_text(json.dumps(values, indent=2) + "\n")
         partial.rename(target)
     shutil.copyfile(params_file, workspace / "params.yaml")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import logging
 import os
 import shutil
 import signal
@@ -69,18 +68,19 @@ def test_compiled_tasks_mount_the_volume_claims_they_need_and_nothing_else(tmp_p
     assert sorted(unset) == ["data_revision", "dvc_remote", "repo_url"]  # dvc_remote "": the revision's default
 
 
-def prepare_locally(tmp_path: Path, run: str, *overrides: str):
-    """The prepare component (kfp.local, working-directory data under tmp_path) into the volume
-    folders `tmp_path/data-volume` and `tmp_path/checkpoint-volume`; its Dataset output."""
+def prepare_locally(tmp_path: Path, run: str, dataset: str = "demo", overrides: tuple[str, ...] = (),
+                    data_revision: str = "", repo_url: str = ""):
+    """The prepare component (kfp.local) into the volume folders `tmp_path/data-volume` and
+    `tmp_path/checkpoint-volume`: the working directory's data, or a data revision; its Dataset output."""
     from kfp import local
 
     from components.prepare import prepare
     from pipeline.__main__ import TINY
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
-    task = prepare(dataset=overrides[0] if overrides else "demo", data_revision="", repo_url="", dvc_remote="",
-                   params_file=str(ROOT / "params.yaml"), overrides=[*TINY, "tracking.enabled=false", "train.device=cpu",
-                                                                     *overrides[1:]],
+    task = prepare(dataset=dataset, data_revision=data_revision, repo_url=repo_url, dvc_remote="",
+                   params_file=str(ROOT / "params.yaml"),
+                   overrides=[*TINY, "tracking.enabled=false", "train.device=cpu", *overrides],
                    pretrain_epochs=8, finetune_epochs=1, pipeline_run=run, data_root=str(tmp_path / "data-volume"),
                    checkpoint_root=str(tmp_path / "checkpoint-volume"))
     return task.outputs["data"]
@@ -92,7 +92,7 @@ def test_prepare_component_reads_a_folder_dataset_from_data_name(tmp_path, monke
     make_folder(tmp_path / "data" / "my_photos", num_images=20)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.chdir(tmp_path)
-    data = prepare_locally(tmp_path, "run-f", "folder", "data.name=my_photos")
+    data = prepare_locally(tmp_path, "run-f", "folder", ("data.name=my_photos",))
     prepared = tmp_path / "data-volume" / "run-f" / "prepared" / "my_photos"
     assert json.loads((prepared / "info.json").read_text())["image_root"] == str(
         tmp_path / "data-volume" / "run-f" / "data" / "my_photos")
@@ -374,7 +374,7 @@ def private_repo(tmp_path):
     git(repo, "init", "-q")
     dvc(repo, environment, "init", "-q")
     dvc(repo, environment, "remote", "add", "-d", "store", str(tmp_path / "dvc-store"))
-    make_demo(repo / "data" / "demo", num_train=6, num_val=3, image_size=32, seed=1)
+    make_demo(repo / "data" / "demo", num_train=10, num_val=4, image_size=32, seed=1)
     dvc(repo, environment, "add", "-q", "data")
     dvc(repo, environment, "push", "-q")
     git(repo, "add", "-A")
@@ -392,22 +392,25 @@ def private_repo(tmp_path):
 
 
 def test_a_private_repository_is_fetched_with_the_mulcon_git_secret_never_in_a_url_or_log(
-        private_repo, tmp_path, monkeypatch, caplog, capfd):
-    from components.data import fetch_dataset
+        private_repo, tmp_path, monkeypatch, capfd):
+    """The prepare component, as its pod runs it with the mulcon-git keys in its environment."""
     from components.gitauth import git_credentials
 
     url, repo = private_repo
     monkeypatch.delenv("GIT_ASKPASS", raising=False)
     monkeypatch.setenv("GIT_TERMINAL_PROMPT", "0")
     monkeypatch.setenv("HOME", str(tmp_path))  # no credential helper of this machine's user
-    caplog.set_level(logging.DEBUG)
-    with pytest.raises(Exception):  # no secret: the server refuses
-        fetch_dataset("data/demo", tmp_path / "refused", repo_url=url, revision="v1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="prepare"):  # no secret: the server refuses
+        prepare_locally(tmp_path, "refused", data_revision="v1", repo_url=url)
+    assert PrivateGit.seen and set(PrivateGit.seen) == {""}  # asked without credentials, refused
     monkeypatch.setenv("MULCON_GIT_USERNAME", PrivateGit.user)
     monkeypatch.setenv("MULCON_GIT_PASSWORD", PrivateGit.password)
-    version = fetch_dataset("data/demo", tmp_path / "fetched", repo_url=url, revision="v1")
-    assert version == yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
-    assert sorted(path.name for path in (tmp_path / "fetched" / "train2014").iterdir()) == sorted(
+    data = prepare_locally(tmp_path, "granted", data_revision="v1", repo_url=url)
+    assert data.metadata["data_version"] == yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    fetched = tmp_path / "data-volume" / "granted" / "data" / "demo" / "train2014"
+    assert sorted(path.name for path in fetched.iterdir()) == sorted(
         path.name for path in (repo / "data" / "demo" / "train2014").iterdir())
     granted = "Basic " + base64.b64encode(f"{PrivateGit.user}:{PrivateGit.password}".encode()).decode()
     assert granted in PrivateGit.seen
@@ -417,4 +420,6 @@ def test_a_private_repository_is_fetched_with_the_mulcon_git_secret_never_in_a_u
         assert PrivateGit.password not in Path(os.environ["GIT_ASKPASS"]).read_text()
     assert "GIT_ASKPASS" not in os.environ
     out, err = capfd.readouterr()
-    assert PrivateGit.password not in out + err + caplog.text
+    assert PrivateGit.password not in out + err  # the task's log
+    written = [path for path in (tmp_path / "kfp").rglob("*") if path.is_file()]  # parameters, outputs, metadata
+    assert written and not [path for path in written if PrivateGit.password.encode() in path.read_bytes()]
