@@ -93,8 +93,8 @@ def test_prepare_component_reads_a_folder_dataset_from_data_name(tmp_path, monke
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.chdir(tmp_path)
     data = prepare_locally(tmp_path, "run-f", "folder", ("data.name=my_photos",))
-    prepared = tmp_path / "data-volume" / "run-f" / "prepared" / "my_photos"
-    assert json.loads((prepared / "info.json").read_text())["image_root"] == str(
+    [info] = (tmp_path / "data-volume" / "run-f" / "prepared").rglob("info.json")
+    assert json.loads(info.read_text())["image_root"] == str(
         tmp_path / "data-volume" / "run-f" / "data" / "my_photos")
     assert data.metadata["dataset"] == "folder" and data.metadata["train"] > 0
 
