@@ -1,12 +1,16 @@
 """`python -m pipeline {compile,submit,schedule,run-local}`: the Kubeflow pipeline from the shell.
 
-    python -m pipeline compile -o mulcon-pipeline.yaml --image registry.example/mulcon:0.1.0
-    python -m pipeline submit --host https://kfp.example -p data_revision=v1.2 -p gpus=4
-    python -m pipeline schedule --host https://kfp.example --cron "0 0 3 * * *"
+    python -m pipeline compile -o mulcon-pipeline.yaml --image registry.example/mulcon:3f2a1c9
+    python -m pipeline submit --host https://kfp.example --image registry.example/mulcon:3f2a1c9 \
+        -p data_revision=v1.2 -p repo_url=https://git.example/team/mulcon.git -p gpus=4
+    python -m pipeline schedule --host https://kfp.example --package mulcon-pipeline.yaml \
+        -p data_revision=main -p repo_url=https://git.example/team/mulcon.git --cron "0 0 3 * * *"
     python -m pipeline run-local --tiny
 
-submit and schedule read a bearer token from the environment variable named by --token-env
-(default KFP_TOKEN; none for a port-forwarded API). run-local runs every component in this
+compile, and submit and schedule when they compile (no --package), need the project image:
+--image or $MULCON_IMAGE. submit and schedule need a data version (-p data_revision, -p repo_url)
+and read a bearer token from the environment variable named by --token-env (default KFP_TOKEN;
+none for a port-forwarded API). run-local runs every component in this
 interpreter (kfp.local.SubprocessRunner(use_venv=False)) on the working directory's data, with
 MLflow at $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db), outputs under --pipeline-root.
 
@@ -25,7 +29,8 @@ from pathlib import Path
 from typing import Iterator
 
 from mulcon.errors import MulconError
-from pipeline.checks import PipelineError, output_file, parse_arguments, pipeline_inputs, read_package
+from pipeline.checks import (PipelineError, output_file, parse_arguments, pipeline_inputs, read_package,
+                             require_cluster_arguments)
 from pipeline.connection import DEFAULT_TIMEOUT, api_errors, check_host, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,19 +39,35 @@ TINY = ["data.image_size=32", "data.num_workers=0", "data.val_fraction=0.2", "mo
         "model.projection_dim=16", "pretrain.batch_size=8", "finetune.batch_size=4", "train.pretrain_epochs=1",
         "train.finetune_epochs=1", "evaluate.batch_size=16", "demo.num_train=24", "demo.num_val=12",
         "demo.image_size=48"]
+LOCAL_IMAGE = "mulcon:local"  # what run-local's tasks name; the subprocess runner runs this interpreter instead
+
+
+def _image(args: argparse.Namespace) -> str:
+    """The project image the compiled tasks run: --image, else $MULCON_IMAGE.
+
+    Raises:
+        PipelineError: neither given.
+    """
+    from components import IMAGE_ENV
+
+    image = (args.image or os.environ.get(IMAGE_ENV, "")).strip()
+    if not image:
+        raise PipelineError(f"give --image (or set {IMAGE_ENV}): the project image the cluster pulls, as `make image` "
+                            "tags it and you push it, e.g. --image registry.example/mulcon:3f2a1c9")
+    return image
 
 
 def _compile(args: argparse.Namespace, output: str | Path) -> Path:
     """Compile the pipeline into `output`, written whole or not at all."""
     from kfp import compiler
 
-    from components import IMAGE
     from mulcon.io import write_text
     from pipeline.pipeline import build_pipeline
 
+    image = _image(args)
     with tempfile.TemporaryDirectory() as folder:
         compiled = os.path.join(folder, "mulcon-pipeline.yaml")
-        compiler.Compiler().compile(build_pipeline(args.image or IMAGE, args.parallelism, args.multinode), compiled)
+        compiler.Compiler().compile(build_pipeline(image, args.parallelism, args.multinode), compiled)
         write_text(output, Path(compiled).read_text(encoding="utf-8"))
     return Path(output)
 
@@ -63,9 +84,14 @@ def _kubeflow(args: argparse.Namespace) -> Iterator[tuple]:
     if not args.host:
         raise PipelineError("give --host (or set KF_PIPELINES_ENDPOINT), e.g. --host http://localhost:8080")
     host = check_host(args.host)
+    if args.package and args.image:
+        raise PipelineError(f"--image {args.image} with --package: the package names its image already; compile it "
+                            "again with --image, or leave --package out to compile one now")
     with tempfile.TemporaryDirectory() as folder:
         package = args.package or _compile(args, os.path.join(folder, "mulcon-pipeline.yaml"))
-        arguments = parse_arguments(args.param, pipeline_inputs(read_package(package)), args.multinode)
+        inputs = pipeline_inputs(read_package(package))
+        arguments = parse_arguments(args.param, inputs, args.multinode)
+        require_cluster_arguments(arguments, inputs)
         token = os.environ.get(args.token_env) or None
         client = connect(host, args.namespace, args.token_env, token, args.timeout)
         with api_errors(host, args.token_env, token, args.timeout):
@@ -102,7 +128,10 @@ def run_local_command(args: argparse.Namespace) -> None:
 
     overrides = [*(TINY if args.tiny else []), *args.overrides]
     config = load_config(args.params, overrides)
-    mulcon_pipeline = build_pipeline(parallelism=args.parallelism, params=args.params)
+    # The subprocess runner pulls no image and mounts no volume: the volumes are folders of the run.
+    volumes = Path(args.pipeline_root).resolve() / "volumes"
+    mulcon_pipeline = build_pipeline(LOCAL_IMAGE, parallelism=args.parallelism, params=args.params,
+                                     data_root=str(volumes / "data"), checkpoint_root=str(volumes / "checkpoints"))
     given = parse_arguments(args.param, pipeline_inputs(json_format.MessageToDict(mulcon_pipeline.pipeline_spec)))
     raw = config.data.raw_dir
     if config.data.dataset == "demo" and not raw.is_dir():
@@ -153,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--cron", required=True, help="6 fields, seconds first, e.g. '0 0 3 * * *' (03:00 daily)")
             command.add_argument("--name", default="mulcon-retraining", help="the recurring run's name")
     for command in (compiling, commands.choices["submit"], commands.choices["schedule"]):
-        command.add_argument("--image", help="the project image (default: $MULCON_IMAGE or components.IMAGE)")
+        command.add_argument("--image", help="the project image, e.g. registry.example/mulcon:3f2a1c9 (default: "
+                             "$MULCON_IMAGE; one of them is needed to compile)")
         command.add_argument("--parallelism", type=int, default=4, help="ablation variants trained at once")
         command.add_argument("--multinode", action="store_true",
                              help="train MulCon with a PyTorchJob (pipeline arguments nodes, workspace_pvc)")
