@@ -42,7 +42,7 @@ from mulcon.data.records import check_inside
 from mulcon.data.transforms import eval_transform
 from mulcon.errors import CheckpointError, DataError, MulconError, redact
 from mulcon.inference import load_model, rebuild_network
-from mulcon.mlflow_client import connect
+from mulcon.mlflow_client import connect, tracking_errors
 
 DEFAULT_THRESHOLD = 0.5
 CALIBRATED = "calibrated"
@@ -334,7 +334,7 @@ def register_model_file(model_file: str | Path, registered_model_name: str) -> s
     network, state = load_model(model_file)
     mlflow, _ = connect()
     scorer = Scorer(network, state["classes"], state["config"]["data"]["image_size"], state.get("thresholds"))
-    with mlflow.start_run(run_name=f"register-{Path(model_file).parent.name}"):
+    with tracking_errors("registration"), mlflow.start_run(run_name=f"register-{Path(model_file).parent.name}"):
         info = log_model(scorer, name="model", registered_model_name=registered_model_name, config=state["config"],
                          label_level=state["label_level"], metadata={"classes": scorer.classes,
                                                                       "variant": state.get("variant")})
