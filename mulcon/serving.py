@@ -111,11 +111,19 @@ def _served_file(value: str, row: int, image_root: str | None) -> Path:
     return path
 
 
+def _is_base64(value: str) -> bool:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
 def decode_image(value: Any, row: int, *, local: bool = False, image_root: str | None = None) -> Image.Image:
     """An RGB image from a request's value (or, with `local`, from a file the caller names).
 
     Args:
-        value: a base64-encoded JPEG/PNG (str or bytes); with `local`, a file path on this machine.
+        value: a base64-encoded JPEG/PNG (str or bytes); with `local`, a file path on this machine too.
         row: the row's number, which every error names.
         local: `value` is a path given by the machine's own user (the CLI): read it, name it in errors.
         image_root: the folder a served request may name files in (relative paths); None: no path.
@@ -123,8 +131,10 @@ def decode_image(value: Any, row: int, *, local: bool = False, image_root: str |
     Raises:
         BadImage: not decodable, over the decompression-bomb limit, or a path not allowed.
     """
-    if local:
+    if local and isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
         return _open_checked(value, f"row {row} ({value})")
+    if local and isinstance(value, str) and len(value) < 4096 and not _is_base64(value):
+        raise BadImage(f"row {row} ({value}): no such image file")
     if not isinstance(value, (str, bytes)) or not value:
         raise BadImage(f"row {row}: expected a base64-encoded JPEG/PNG image, got "
                        f"{'an empty value' if isinstance(value, (str, bytes)) else type(value).__name__}")

@@ -224,3 +224,16 @@ def test_a_server_without_an_image_folder_opens_no_path(registered, tmp_path, mo
             model.predict(pd.DataFrame({"image": [image]}))
         assert str(refused.value).startswith("row 0: not valid base64, and this server reads no file paths")
         assert image not in str(refused.value)
+
+
+def test_analyze_takes_a_registered_model(registered, tmp_path):
+    """`analyze --model models:/...` loads the registered model through `load_network`: the same
+    network as its model file, so both slots (the file and the registered copy) score the same."""
+    environment, model_file, _, params = registered
+    result = subprocess.run([sys.executable, "-m", "mulcon", "analyze", "--params", str(params), "--model",
+                             "models:/mulcon-demo/1", "--bce-model", str(model_file), "--out-dir", str(tmp_path / "a"),
+                             "-S", "analysis.tsne_images=12", "-S", "analysis.precision_k=3"], cwd=tmp_path,
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["precision_at_3_mulcon"] == metrics["precision_at_3_bce_only"]
