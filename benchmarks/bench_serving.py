@@ -4,7 +4,8 @@ requests from concurrent clients, some of them malformed, as users (and attacker
 Every valid request must answer 200 with the labels `python -m mulcon predict` gives for the same
 image, every malformed one 400 (non-image bytes, bad base64, a 196-megapixel PNG, an empty body,
 a file path of the server), the server must still answer after, and its memory (the resident set
-of the server and its workers) must stay flat. Latencies are per request, malformed ones included.
+of the server and its workers, measured after a warm-up of 4 requests per client and after the
+soak) must stay flat. Latencies are per request, malformed ones included.
 
     python -m benchmarks.bench_serving --model models:/mulcon-demo@champion --params params.yaml \\
         --images data/demo/val2014 [--requests 2000 --clients 8 --malformed 0.15]
@@ -164,9 +165,12 @@ def soak(url: str, server: subprocess.Popen, images: list[str], labels: list[lis
             sent_malformed += 1
         else:
             plan.append(("valid", index % len(images)))
-    warm = _post(url, payloads[0], request_timeout)
-    if warm[0] != 200:
-        raise RuntimeError(f"the server answered the first valid request {warm[0]}: {warm[1][:300]}")
+    # Warm-up at the soak's concurrency (the server's thread pool and allocator reach their working
+    # size), so that `rss_before` is the working set and any growth after it is what the soak added.
+    with ThreadPoolExecutor(clients) as pool:
+        warm = list(pool.map(lambda i: _post(url, payloads[i % len(payloads)], request_timeout), range(clients * 4)))
+    if any(status != 200 for status, _, _ in warm):
+        raise RuntimeError(f"the server answered a warm-up request {[w[0] for w in warm]}: {warm[0][1][:300]}")
     rss_before = server_rss_mib(server)
     deadline = time.monotonic() + max_seconds
 
