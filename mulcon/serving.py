@@ -85,6 +85,8 @@ def _open_checked(source, where: str) -> Image.Image:
                 raise BadImage(f"{where}: image of {width} x {height} pixels is over the limit of "
                                f"{Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)")
             return image.convert("RGB")
+    except BadImage:
+        raise
     except Image.DecompressionBombError:
         raise BadImage(f"{where}: image over PIL's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS} "
                        "pixels (refused unread)") from None

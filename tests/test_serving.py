@@ -6,6 +6,7 @@ malformed (a shortened soak, `benchmarks/bench_serving.py`), file paths only und
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import pytest
 import requests
 import torch
 import yaml
+from PIL import Image
 
 from benchmarks.bench_serving import answered_error, bomb_png, expected_labels, serve, soak
 from mulcon.errors import MulconError
@@ -237,3 +239,18 @@ def test_analyze_takes_a_registered_model(registered, tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["precision_at_3_mulcon"] == metrics["precision_at_3_bce_only"]
+
+
+def test_images_over_the_pixel_limit_are_refused_naming_the_row():
+    from mulcon.serving import BadImage, decode_image
+
+    def png(side: int) -> str:
+        buffer = io.BytesIO()
+        Image.new("1", (side, side)).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    with pytest.raises(BadImage, match=r"^row 3: image of 10000 x 10000 pixels is over the limit of 89478485 pixels"):
+        decode_image(png(10_000), 3)  # PIL itself only warns below twice its limit
+    with pytest.raises(BadImage, match=r"^row 0: image over PIL's decompression-bomb limit of 178956970 pixels"):
+        decode_image(base64.b64encode(bomb_png()).decode(), 0)
+    assert decode_image(png(64), 0).size == (64, 64)
