@@ -254,3 +254,13 @@ def test_images_over_the_pixel_limit_are_refused_naming_the_row():
     with pytest.raises(BadImage, match=r"^row 0: image over PIL's decompression-bomb limit of 178956970 pixels"):
         decode_image(base64.b64encode(bomb_png()).decode(), 0)
     assert decode_image(png(64), 0).size == (64, 64)
+
+
+def test_mlflow_serving_an_old_pickled_version_is_refused_with_how_to_register_again():
+    """Versions registered before name `mulcon.serving` as their loader: it refuses, in one line."""
+    from mulcon.serving import _load_pyfunc
+
+    with pytest.raises(MulconError) as refused:
+        _load_pyfunc("data")
+    assert "pickled PyTorch module" in str(refused.value) and "register_model_file(" in str(refused.value)
+    assert "\n" not in str(refused.value)
