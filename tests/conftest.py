@@ -59,6 +59,17 @@ def tiny_params(tiny_data, tmp_path) -> Path:
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def _forget_mlflow_tracking_uri():
+    """`mulcon.mlflow_client.connect` sets MLflow's process-wide tracking URI; a test's server is gone
+    after it, so the next test starts from $MLFLOW_TRACKING_URI again, as a new process would."""
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None  # MLflow's own unset: no public call takes a URI back
+
+
 def reference_map(config, model_file: Path, split: str = "test") -> float:
     """The model's mAP (percent) on `split`, by scikit-learn: the mean over labels with a positive
     of average_precision_score on the pairs not ignored. The reference the metric tests compare with."""
