@@ -14,6 +14,7 @@ kfp.local.DockerRunner reports a task whose container is gone before it is waite
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -120,12 +121,19 @@ def shared_root(pipeline_root: str | Path) -> str:
 
 
 def check_outputs(pipeline_root: str | Path) -> Path:
-    """The last run's Table 3 under `pipeline_root`, and its promotion decision, or a PipelineError
-    saying that a task failed (kfp.local.DockerRunner may have called it a success)."""
+    """The last run's Table 3 under `pipeline_root`, once its promote task has written its decision;
+    a PipelineError saying that a task failed otherwise (kfp.local.DockerRunner may have called it a
+    success)."""
     runs = sorted(Path(pipeline_root).glob("mulcon-*"), key=os.path.getmtime)
-    missing = [name for name in ("report/ablation", "promote/decision") if not runs or not (runs[-1] / name).exists()]
-    if missing:
-        where = runs[-1] if runs else Path(pipeline_root)
-        raise PipelineError(f"{where}: no {' and no '.join(missing)}: a task failed in its container "
-                            "(its log is above), whatever status kfp.local printed")
-    return runs[-1] / "report" / "ablation"
+    where = runs[-1] if runs else Path(pipeline_root)
+    table, decision = where / "report" / "ablation", where / "promote" / "executor_output.json"
+    try:
+        decided = "Output" in json.loads(decision.read_text()).get("parameterValues", {})
+    except (OSError, ValueError):
+        decided = False
+    if not (table.exists() and decided):
+        missing = " and ".join(str(path.relative_to(where)) for path, done in ((table, table.exists()),
+                                                                              (decision, decided)) if not done)
+        raise PipelineError(f"{where}: no {missing}: a task failed in its container (its log is above), "
+                            "whatever status kfp.local printed")
+    return table
