@@ -142,6 +142,28 @@ def image_tag(base: str) -> str:
     return f"localhost/mulcon:{_digest(*parts)[:16]}"
 
 
+# podman (buildah) keys a COPY layer by a tar of the files, their times included: a fresh clone
+# would rebuild the dependency layer. The build context is a copy with the same time on every file.
+FIXED_TIME = 946684800  # 2000-01-01
+
+
+@contextlib.contextmanager
+def _build_context() -> Iterator[Path]:
+    """A copy of the Dockerfile, .dockerignore and BUILD_INPUTS, every file and folder dated FIXED_TIME."""
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="context-") as folder:
+        context = Path(folder)
+        for path in [ROOT / "Dockerfile", ROOT / ".dockerignore", *_files(BUILD_INPUTS)]:
+            target = context / path.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            target.chmod(0o755 if os.access(path, os.X_OK) else 0o644)
+        for path in sorted(context.rglob("*"), key=lambda item: len(item.parts), reverse=True):
+            if path.is_dir():
+                path.chmod(0o755)
+            os.utime(path, (FIXED_TIME, FIXED_TIME))
+        yield context
+
+
 def _git_commit() -> str:
     result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else "unknown"
@@ -178,11 +200,13 @@ def _build(engine: str, base: str, tags: tuple[str, ...]) -> str:
     tag = image_tag(base_name or "cuda")
     if not image_exists(engine, tag):
         command = [engine, "build", "--network", "none", "--build-context", f"wheels={wheelhouse()}",
-                   "--build-arg", f"GIT_COMMIT={_git_commit()}", "--tag", tag, str(ROOT)]
+                   "--build-arg", f"GIT_COMMIT={_git_commit()}", "--tag", tag]
         if base_name:
-            command[2:2] = ["--build-arg", f"BASE_IMAGE={base_name}"]
-        # The build's own output is what a person waits on: it goes to the terminal (stderr).
-        if subprocess.run(command, stdout=sys.stderr, env={**os.environ, "DOCKER_BUILDKIT": "1"}).returncode != 0:
+            command += ["--build-arg", f"BASE_IMAGE={base_name}"]
+        with _build_context() as context:
+            # The build's own output is what a person waits on: it goes to the terminal (stderr).
+            built = subprocess.run([*command, str(context)], stdout=sys.stderr, env={**os.environ, "DOCKER_BUILDKIT": "1"})
+        if built.returncode != 0:
             raise ImageError(f"{engine} build of {tag} failed (its output is above)")
     for name in tags:
         _run([engine, "tag", tag, name], f"{engine} tag {name}")
