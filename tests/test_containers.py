@@ -169,3 +169,39 @@ def test_an_image_the_engine_does_not_hold_is_refused_with_one_line(docker_api):
                  DOCKER_HOST=docker_api[1]) == ("error: --runner docker: no image localhost/mulcon:no-such-tag here: build "
                                                 "it (make image, or make image BASE=local without a registry) and give "
                                                 "--image with the tag it printed")
+
+
+def test_without_an_engine_the_build_says_so_in_one_line(monkeypatch):
+    from pipeline import image
+
+    monkeypatch.setattr(image, "ENGINES", ("no-such-engine",))
+    with pytest.raises(image.ImageError, match=r"neither docker nor podman answers here \(`docker info`, `podman info`\)"):
+        image.find_engine()
+
+
+def test_the_image_tag_follows_the_contents_of_its_inputs_not_their_times(tmp_path, monkeypatch):
+    from pipeline import image
+
+    copy = tmp_path / "checkout"  # no .git: the files are listed from the folders
+    copy.mkdir()
+    for name in ("Dockerfile", ".dockerignore", *image.BUILD_INPUTS):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, copy / name)
+    monkeypatch.setattr(image, "ROOT", copy)
+    monkeypatch.setattr(image, "CACHE", tmp_path / "cache")
+    tag = image.image_tag("local-base")
+    assert tag.startswith("localhost/mulcon:") and image.image_tag("another-base") != tag
+    os.utime(copy / "pyproject.toml", (1, 1))
+    assert image.image_tag("local-base") == tag
+    with open(copy / "mulcon" / "metrics.py", "a") as handle:
+        handle.write("# changed\n")
+    changed = image.image_tag("local-base")
+    assert changed != tag
+    (tmp_path / "cache").mkdir()
+    with image._build_context() as context:
+        files = sorted(path.relative_to(context) for path in context.rglob("*") if path.is_file())
+        assert files == sorted(path.relative_to(copy) for path in copy.rglob("*") if path.is_file())
+        assert {path.stat().st_mtime for path in context.rglob("*")} == {image.FIXED_TIME}
