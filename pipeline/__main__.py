@@ -104,6 +104,8 @@ def run_local_command(args: argparse.Namespace) -> None:
     from mulcon.data.demo import make_demo
     from pipeline.pipeline import build_pipeline
 
+    if args.runner != "docker" and (args.image or args.user):
+        raise PipelineError("--image and --user are for --runner docker: the subprocess runner runs every task here")
     overrides = [*(TINY if args.tiny else []), *args.overrides]
     config = load_config(args.params, overrides)
     image = None
@@ -120,8 +122,8 @@ def run_local_command(args: argparse.Namespace) -> None:
         from pipeline.containers import check_data_source, docker_runner, image_params, shared_root
 
         check_data_source(given)
-        runner, pipeline_root = docker_runner(environment, args.user), shared_root(args.pipeline_root)
         params_file = image_params(args.params)
+        runner, pipeline_root = docker_runner(environment, args.user), shared_root(args.pipeline_root)
     else:
         raw = config.data.raw_dir
         if config.data.dataset == "demo" and not raw.is_dir():

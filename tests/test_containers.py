@@ -161,6 +161,10 @@ def test_a_run_the_containers_cannot_reach_is_refused_with_one_line(tmp_path):
     with pytest.raises(PipelineError, match=f"--params {outside}: with --runner docker, a params file of the project"):
         image_params(outside)
     assert image_params(ROOT / "configs" / "paper-coco2014.yaml") == "configs/paper-coco2014.yaml"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run-local", "--user", "4242:0"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: --image and --user are for --runner docker: the subprocess runner runs every task here")
     assert not (tmp_path / "kfp-local").exists() and not (ROOT / "kfp-local").exists()
 
 
