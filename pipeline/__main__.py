@@ -6,6 +6,8 @@
     python -m pipeline schedule --host https://kfp.example --package mulcon-pipeline.yaml \
         -p data_revision=main -p repo_url=https://git.example/team/mulcon.git --cron "0 0 3 * * *"
     python -m pipeline run-local --tiny
+    python -m pipeline run-local --tiny --runner docker --image localhost/mulcon:TAG \
+        -p data_revision=v1.2 -p repo_url=git://127.0.0.1/mulcon
 
 compile, and submit and schedule when they compile (no --package), need the project image:
 --image or $MULCON_IMAGE. submit and schedule need a data version (-p data_revision, -p repo_url)
@@ -13,6 +15,8 @@ and read a bearer token from the environment variable named by --token-env (defa
 none for a port-forwarded API). run-local runs every component in this
 interpreter (kfp.local.SubprocessRunner(use_venv=False)) on the working directory's data, with
 MLflow at $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db), outputs under --pipeline-root.
+With --runner docker every task runs in the project image instead (kfp.local.DockerRunner,
+pipeline.containers), on the data of a data revision, against an MLflow tracking server.
 
 Every mistake and every failure of the API prints one line and exits 2, and is found before
 anything is sent (pipeline.checks, pipeline.connection).
@@ -126,26 +130,50 @@ def run_local_command(args: argparse.Namespace) -> None:
     from mulcon.data.demo import make_demo
     from pipeline.pipeline import build_pipeline
 
+    if args.runner != "docker" and (args.image or args.user):
+        raise PipelineError("--image and --user are for --runner docker: the subprocess runner runs every task here")
     overrides = [*(TINY if args.tiny else []), *args.overrides]
     config = load_config(args.params, overrides)
-    # The subprocess runner pulls no image and mounts no volume: the volumes are folders of the run.
+    # kfp.local mounts no volume claim: the volumes are folders of the pipeline root (which the docker
+    # runner mounts, at the same path, in every task's container).
     volumes = Path(args.pipeline_root).resolve() / "volumes"
-    mulcon_pipeline = build_pipeline(LOCAL_IMAGE, parallelism=args.parallelism, params=args.params,
+    image, environment = LOCAL_IMAGE, None
+    if args.runner == "docker":
+        from components import IMAGE
+        from pipeline.containers import docker_client, forwarded_environment, local_image
+
+        environment = forwarded_environment()
+        image = local_image(docker_client(), args.image or IMAGE)
+    mulcon_pipeline = build_pipeline(image, parallelism=args.parallelism, params=args.params,
                                      data_root=str(volumes / "data"), checkpoint_root=str(volumes / "checkpoints"))
     given = parse_arguments(args.param, pipeline_inputs(json_format.MessageToDict(mulcon_pipeline.pipeline_spec)))
-    raw = config.data.raw_dir
-    if config.data.dataset == "demo" and not raw.is_dir():
-        make_demo(raw, num_train=config.demo.num_train, num_val=config.demo.num_val,
-                  image_size=config.demo.image_size, seed=config.demo.seed)
-    # The components' subprocesses import `components` and `mulcon` from this checkout, from any directory.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    if args.runner == "docker":
+        from pipeline.containers import check_data_source, docker_runner, image_params, shared_root
+
+        check_data_source(given)
+        params_file = image_params(args.params)
+        runner, pipeline_root = docker_runner(environment, args.user), shared_root(args.pipeline_root)
+    else:
+        raw = config.data.raw_dir
+        if config.data.dataset == "demo" and not raw.is_dir():
+            make_demo(raw, num_train=config.demo.num_train, num_val=config.demo.num_val,
+                      image_size=config.demo.image_size, seed=config.demo.seed)
+        # The components' subprocesses import `components` and `mulcon` from this checkout, from any directory.
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        runner, pipeline_root = local.SubprocessRunner(use_venv=False), args.pipeline_root
+        params_file = str(Path(args.params).resolve())
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # the project image runs this Python
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=args.pipeline_root)
+    local.init(runner=runner, pipeline_root=pipeline_root)
     arguments = {"dataset": config.data.dataset, "pretrain_epochs": config.train.pretrain_epochs,
-                 "finetune_epochs": config.train.finetune_epochs, "gpus": 1, "params_file": str(Path(args.params).resolve()),
+                 "finetune_epochs": config.train.finetune_epochs, "gpus": 1, "params_file": params_file,
                  "overrides": overrides, **given}
     mulcon_pipeline(**arguments)
-    tables = sorted(Path(args.pipeline_root).glob("mulcon-*/report/ablation"), key=os.path.getmtime)
+    if args.runner == "docker":
+        from pipeline.containers import check_outputs
+
+        tables = [check_outputs(pipeline_root)]
+    else:
+        tables = sorted(Path(pipeline_root).glob("mulcon-*/report/ablation"), key=os.path.getmtime)
     if tables:
         print(tables[-1].read_text(), end="")
 
@@ -197,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="ablation variants at once (default 1: SQLite takes one writer; more with a tracking server)")
     local_run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                            help="a pipeline argument, e.g. -p promote_margin=1 (repeatable)")
+    local_run.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                           help="subprocess: every task in this interpreter (default); docker: in the project "
+                                "image through the Docker API at $DOCKER_HOST (docker, or podman system service)")
+    local_run.add_argument("--image", help="with --runner docker: the project image (default: $MULCON_IMAGE or "
+                                           "components.IMAGE), e.g. the tag make image printed")
+    local_run.add_argument("--user", help="with --runner docker: UID[:GID] the tasks run as (default: the image's, 1000)")
     return parser
 
 
