@@ -32,17 +32,15 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from mulcon.config import TINY as TINY_TRAINING, TINY_DEMO
 from mulcon.errors import MulconError
 from pipeline.checks import (PipelineError, output_file, parse_arguments, pipeline_inputs, read_package,
                              require_cluster_arguments)
 from pipeline.connection import DEFAULT_TIMEOUT, api_errors, check_host, connect
 
 ROOT = Path(__file__).resolve().parents[1]
-# The demo pipeline shrunk to seconds per step (the tests run it so): 32 px, tiny heads, 1 + 1 epochs.
-TINY = ["data.image_size=32", "data.num_workers=0", "data.val_fraction=0.2", "model.embed_dim=32",
-        "model.projection_dim=16", "pretrain.batch_size=8", "finetune.batch_size=4", "train.pretrain_epochs=1",
-        "train.finetune_epochs=1", "evaluate.batch_size=16", "demo.num_train=24", "demo.num_val=12",
-        "demo.image_size=48"]
+# --tiny: the demo pipeline shrunk to seconds per step (mulcon.config.TINY, as the tests run it).
+TINY = [*TINY_TRAINING, *TINY_DEMO]
 LOCAL_IMAGE = "mulcon:local"  # what run-local's tasks name; the subprocess runner runs this interpreter instead
 
 

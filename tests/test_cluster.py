@@ -423,3 +423,12 @@ def test_a_private_repository_is_fetched_with_the_mulcon_git_secret_never_in_a_u
     assert PrivateGit.password not in out + err  # the task's log
     written = [path for path in (tmp_path / "kfp").rglob("*") if path.is_file()]  # parameters, outputs, metadata
     assert written and not [path for path in written if PrivateGit.password.encode() in path.read_bytes()]
+
+
+def test_a_failed_fetch_never_shows_the_repository_password(tmp_path):
+    from components.data import fetch_dataset
+
+    with pytest.raises(RuntimeError) as raised:
+        fetch_dataset("data/demo", tmp_path / "out", repo_url="https://alice:s3cret-pw@127.0.0.1:9/team/mulcon.git",
+                      revision="v1")
+    assert "s3cret-pw" not in str(raised.value) and "alice:***@127.0.0.1" in str(raised.value)
