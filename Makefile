@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 IMAGE ?= mulcon:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup demo ablation test bench mlflow-ui clean-demo repro image
+.PHONY: setup demo ablation test bench mlflow-ui clean-demo repro image base-image
 
 setup: $(STAMP)
 
@@ -57,6 +57,13 @@ repro: $(STAMP)
 	$(if $(PRESET),cp $(PRESET) params.yaml)
 	dvc repro
 
-# make image: the project image for the Kubeflow components and PyTorchJobs (needs a Docker engine)
-image:
-	docker build --build-arg GIT_COMMIT=$(shell git rev-parse HEAD 2>/dev/null || echo unknown) -t $(IMAGE) .
+# make image: the project image (python -m pipeline.image build) with docker or podman, whichever answers
+# (docker first), from a wheelhouse that pip download fills here: the build needs no network.
+# BASE=cuda: on PyTorch's CUDA image (the clusters' image, pulled); BASE=local: on the Debian 12 base of
+# make base-image (mmdebstrap, no registry). Tagged localhost/mulcon:<hash of its inputs> and $(IMAGE).
+BASE ?= cuda
+image: $(STAMP)
+	python -m pipeline.image build --base $(BASE) --tag $(IMAGE)
+
+base-image: $(STAMP)
+	python -m pipeline.image base

@@ -9,18 +9,27 @@ with `kfp.local.SubprocessRunner(use_venv=False)`, in this interpreter (`python 
 
 | Module | Components |
 |---|---|
-| `prepare` | `prepare`: the raw data of a data version (DVC), its manifests, the resolved params |
+| `prepare` | `prepare`: the raw data of a data version (DVC) and its manifests on the data volume, the resolved params |
 | `train` | `pretrain`, `finetune` (MulCon's two steps), `train_variant` (one ablation variant) |
 | `evaluate` | `evaluate`: test-split metrics and reports of one variant |
 | `report` | `report`: Table 3 and Tables 1-2 from the five variants |
 | `promote` | `promote`: the run's model becomes challenger, and champion if better |
 | `pytorchjob` | `train_multinode`: MulCon on several nodes as a Kubeflow Training Operator PyTorchJob |
+| `entrypoint` | the check a PyTorchJob pod runs first: its required secret keys are set |
+| `gitauth` | the `mulcon-git` credentials for DVC and git, through GIT_ASKPASS |
 """
 
 import os
 
-# The project image; `python -m pipeline compile --image ...` (or $MULCON_IMAGE) sets another.
-IMAGE = os.environ.get("MULCON_IMAGE", "ghcr.io/mulcon/mulcon:0.1.0")
+IMAGE_ENV = "MULCON_IMAGE"
+# The image the components name until `pipeline.pipeline.build_pipeline` sets the project image on
+# every task. No default names an image: `python -m pipeline compile` wants --image or $MULCON_IMAGE.
+IMAGE = os.environ.get(IMAGE_ENV, "")
+# Where the tasks mount the two volume claims (pipeline parameters data_pvc and checkpoint_pvc):
+# the raw data, manifests and image cache of each run, written by prepare and read by the training
+# and evaluation tasks; the training tasks' checkpoints, so that a retried task resumes.
+DATA_ROOT = "/mnt/data"
+CHECKPOINT_ROOT = "/mnt/checkpoints"
 # The Kubernetes secrets every task (and every pod of a PyTorchJob) gets as environment variables:
 # secret name -> (keys it must hold, keys it may hold). Credentials never travel as parameters.
 SECRETS = {
@@ -28,3 +37,5 @@ SECRETS = {
     "mulcon-mlflow": (("MLFLOW_TRACKING_URI",),
                       ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")),
 }
+# The optional secret that gives DVC and git the credentials of a private repo_url (prepare only).
+GIT_SECRET = ("mulcon-git", ("MULCON_GIT_USERNAME", "MULCON_GIT_PASSWORD"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from mulcon.errors import redact
 from mulcon.io import dvc_file_md5
 
 WORKING_TREE = ""  # the revision that means "the data folder of the working directory"
@@ -32,6 +33,7 @@ def fetch_dataset(path: str, out_dir: str | Path, *, repo_url: str = "", revisio
     Raises:
         FileNotFoundError: no dataset at `path` in the working directory.
         ValueError: a revision without a repository URL.
+        RuntimeError: DVC or git could not fetch it (the message has passwords and tokens redacted).
     """
     out_dir = Path(out_dir)
     if revision == WORKING_TREE:
@@ -47,5 +49,9 @@ def fetch_dataset(path: str, out_dir: str | Path, *, repo_url: str = "", revisio
     import dvc.api
     from dvc.repo import Repo
 
-    Repo.get(repo_url, path, out=str(out_dir), rev=revision, remote=remote or None)
-    return dvc_file_md5(dvc.api.read("data.dvc", repo=repo_url, rev=revision))
+    try:
+        Repo.get(repo_url, path, out=str(out_dir), rev=revision, remote=remote or None)
+        return dvc_file_md5(dvc.api.read("data.dvc", repo=repo_url, rev=revision))
+    except Exception as error:  # DVC's and git's errors quote the URL, credentials included
+        raise RuntimeError(f"fetching {path} at {revision!r} of {redact(repo_url)}: "
+                           f"{type(error).__name__}: {redact(error)}") from None

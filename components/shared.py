@@ -6,7 +6,8 @@ def run_settings(data, pipeline_run: str, variant: str) -> tuple:
     step's Dataset), and return the run's params file and the checkpoint folder of `variant`.
 
     Checkpoints live in `<train.checkpoint_root>/<pipeline_run>/<variant>`, apart from the task's
-    outputs: on a volume mounted there, a retried task resumes from its last epoch.
+    outputs; prepare sets train.checkpoint_root to where the pipeline mounts the checkpoint volume
+    (`components.CHECKPOINT_ROOT`), so a retried task, in a new pod, resumes from its last epoch.
     """
     import os
 

@@ -185,8 +185,9 @@ def attention_figure(path: Path, network: nn.Module, dataset: ManifestDataset, i
     _save(figure, path)
 
 
-def run_analysis(config: Config, models: dict[str, Path], out_dir: str | Path) -> dict[str, Any]:
-    """All figures and the retrieval precision@k of `models` ({"BCE only": path, "MulCon": path}).
+def run_analysis(config: Config, models: dict[str, Path | nn.Module], out_dir: str | Path) -> dict[str, Any]:
+    """All figures and the retrieval precision@k of `models` ({"BCE only": path, "MulCon": path}):
+    model files (read with `weights_only=True`) or networks already loaded (from a registered model).
 
     Returns:
         The metrics written to `<out_dir>/metrics.json`.
@@ -196,7 +197,8 @@ def run_analysis(config: Config, models: dict[str, Path], out_dir: str | Path) -
     dataset = ManifestDataset(config.data.prepared_dir, config.analysis.split, eval_transform(config.data.image_size),
                               image_size=config.data.cache_size)
     classes = dataset.classes
-    networks = {name: load_model(path, device)[0] for name, path in models.items()}
+    networks = {name: model.to(device).eval() if isinstance(model, nn.Module) else load_model(model, device)[0]
+                for name, model in models.items()}
     embeddings = {name: label_embeddings(network, dataset, device) for name, network in networks.items()}
     targets = dataset.targets
     k = config.analysis.precision_k

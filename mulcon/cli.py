@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from mulcon.config import Config, load_config
-from mulcon.errors import MulconError
+from mulcon.errors import ConfigError, MulconError, redact
+from mulcon.mlflow_client import redact_logs
 
 logger = logging.getLogger("mulcon")
 
@@ -96,8 +97,15 @@ def analyze(config: Config, args: argparse.Namespace) -> None:
     from mulcon.analysis import run_analysis
 
     runs = Path(config.train.out_root)
-    models = {"BCE only": Path(args.bce_model or runs / "mulcon_bce" / "model.pt"),
-              "MulCon": Path(args.model or runs / "mulcon" / "model.pt")}
+    models = {"BCE only": args.bce_model or runs / "mulcon_bce" / "model.pt",
+              "MulCon": args.model or runs / "mulcon" / "model.pt"}
+    for name, model in models.items():
+        if not Path(model).is_file() and ":/" in str(model):  # a registered model: loaded without pickles
+            from mulcon.serving import load_network
+
+            models[name] = load_network(str(model)).network
+        else:
+            models[name] = Path(model)
     out_dir = Path(args.out_dir or Path(config.evaluate.out_root) / "analysis")
     metrics = run_analysis(config, models, out_dir)
     if config.tracking.enabled:
@@ -108,11 +116,13 @@ def analyze(config: Config, args: argparse.Namespace) -> None:
 
 
 def predict(config: Config, args: argparse.Namespace) -> None:
-    from mulcon.serving import ImageClassifier, load_scorer
-
     model = args.model or Path(config.train.out_root) / config.train.variant / "model.pt"
     threshold = config.evaluate.threshold if args.threshold is None else args.threshold  # a number or "calibrated"
-    answers = ImageClassifier(load_scorer(model)).predict(args.images, {"threshold": threshold})
+    if threshold != "calibrated" and not 0.0 <= float(threshold) <= 1.0:  # refused before anything loads
+        raise ConfigError(f"--threshold {threshold:g}: expected a probability in [0, 1] or 'calibrated'")
+    from mulcon.serving import ImageClassifier, load_scorer
+
+    answers = ImageClassifier(load_scorer(model), local=True).predict(args.images, {"threshold": threshold})
     if args.json:
         print(json.dumps([{"image": image, "labels": row.labels, "scores": row.scores}
                           for image, row in zip(args.images, answers.itertuples())], indent=2))
@@ -126,9 +136,12 @@ def predict(config: Config, args: argparse.Namespace) -> None:
 
 
 def promote(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.mlflow_client import tracking_errors
     from mulcon.registry import promote_trained
 
-    print(json.dumps(promote_trained(config, args.margin), indent=2))
+    with tracking_errors("promotion"):
+        decision = promote_trained(config, args.margin)
+    print(json.dumps(decision, indent=2))
 
 
 def export(config: Config, args: argparse.Namespace) -> None:
@@ -140,7 +153,10 @@ def export(config: Config, args: argparse.Namespace) -> None:
           f"onnxruntime vs PyTorch on {result['checked_images']} images: largest |difference| "
           f"{result['max_abs_difference']:.2e} (limit 1e-04)")
     if args.register:
-        registered = register_onnx(str(model), result["path"])
+        from mulcon.mlflow_client import tracking_errors
+
+        with tracking_errors("registration"):
+            registered = register_onnx(str(model), result["path"])
         print(f"attached to {registered['model']} version {registered['version']}: {registered['onnx']}")
 
 
@@ -215,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    redact_logs()  # and again once MLflow, which has its own handler, is imported (mlflow_client.connect)
     try:
         config = load_config(args.params, args.overrides)
         COMMANDS[args.command][0](config, args)
     except MulconError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -198,6 +198,13 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+# The demo shrunk to seconds per step: 32 px, tiny heads, 1 + 1 epochs, a 24 + 12 image demo set.
+# `python -m pipeline run-local --tiny` and the tests run it.
+TINY = ["data.image_size=32", "data.num_workers=0", "data.val_fraction=0.2", "model.embed_dim=32",
+        "model.projection_dim=16", "pretrain.batch_size=8", "finetune.batch_size=4", "train.pretrain_epochs=1",
+        "train.finetune_epochs=1", "evaluate.batch_size=16"]
+TINY_DEMO = ["demo.num_train=24", "demo.num_val=12", "demo.image_size=48"]
+
 CHOICES = {
     "data.dataset": DATASETS,
     "data.augment_device": ("cpu", "cuda"),

@@ -51,7 +51,7 @@ def _check_images(scorer: Scorer, images: list[str] | None, seed: int = 0) -> li
     """Batches (B, 3, S, S) to compare on: the given image files, or seeded noise images."""
     if images:
         transform = ImageClassifier(scorer).transform
-        return [torch.stack([transform(decode_image(path, row)) for row, path in enumerate(images)])]
+        return [torch.stack([transform(decode_image(path, row, local=True)) for row, path in enumerate(images)])]
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(size, 3, scorer.image_size, scorer.image_size, generator=generator) for size in CHECK_BATCHES]
 

@@ -49,12 +49,25 @@ def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device,
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
 
+def rebuild_network(config: dict[str, Any], num_labels: int, label_level: bool,
+                    weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The network of a resolved config (nested dicts, as saved with a model) with `weights` loaded.
+
+    Raises:
+        ConfigError: the saved config is not valid under this code.
+        RuntimeError: the weights do not fit the network (torch's message names the keys).
+    """
+    resolved = config_from_dict(config, ["model.pretrained=false", "model.weights_file=''"])  # the weights are given
+    model = build_model(resolved.model, num_labels, label_level)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network saved by training (`model.pt`) and return it with its metadata."""
+    """Rebuild the network saved by training (`model.pt`, read with `weights_only=True`) and
+    return it with its metadata."""
     state = checkpoint.load(path)
     if "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a mulcon model file (no model weights or config)")
-    config = config_from_dict(state["config"], ["model.pretrained=false", "model.weights_file=''"])  # the weights are in the file
-    model = build_model(config.model, len(state["classes"]), state["label_level"])
-    model.load_state_dict(state["model"])
+    model = rebuild_network(state["config"], len(state["classes"]), state["label_level"], state["model"])
     return model.to(device).eval(), state

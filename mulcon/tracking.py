@@ -24,8 +24,9 @@ import yaml
 from mulcon import distributed
 from mulcon.config import RESULT_INDEPENDENT, Config, to_dict, to_flat_dict
 from mulcon.inference import load_model
-from mulcon.io import dvc_file_md5
-from mulcon.mlflow_client import TrackingError, connect, tracking_uri
+from mulcon.io import dvc_file_md5, read_json
+from mulcon.errors import redact
+from mulcon.mlflow_client import TrackingError, connect, tracking_errors, tracking_uri
 from mulcon.serving import Scorer, log_model
 from mulcon.variants import plan_variant
 
@@ -74,12 +75,17 @@ def _search(client, experiment_id: str, tags: dict[str, str], params: dict[str, 
     return found[0] if found else None
 
 
-def _find_or_create(client, experiment_id: str, tags: dict[str, str], name: str, also: dict[str, str] | None = None) -> str:
-    """The id of the run in `experiment_id` carrying all `tags`; created (with the `also` tags too) when there is none."""
+def _find_or_create(client, experiment_id: str, tags: dict[str, str], name: str, also: dict[str, str] | None = None,
+                    finish: bool = False) -> str:
+    """The id of the run in `experiment_id` carrying all `tags`; created (with the `also` tags too)
+    when there is none, and marked FINISHED at once with `finish` (a run nothing logs to now)."""
     found = _search(client, experiment_id, tags)
     if found is not None:
         return found.info.run_id
-    return client.create_run(experiment_id, tags={**tags, **(also or {})}, run_name=name).info.run_id
+    run_id = client.create_run(experiment_id, tags={**tags, **(also or {})}, run_name=name).info.run_id
+    if finish:
+        client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def _keys(config: Config) -> tuple[dict[str, str], str, str]:
@@ -112,7 +118,7 @@ def training_run(config: Config):
             if found is not None:
                 return found
     raise TrackingError(f"no MLflow run of {config.train.variant} on {config.data.label} trained under this config and "
-                        f"data version in {tracking_uri()}: train it first")
+                        f"data version in {redact(tracking_uri())}: train it first")
 
 
 class Tracker:
@@ -127,7 +133,7 @@ class Tracker:
         self.tags, key, config_key = _keys(config)
         parent_tags = {"mulcon.kind": "ablation", "mulcon.key": key}
         self.parent_id = _find_or_create(self.client, self.experiment_id, parent_tags,
-                                         f"ablation-{config.data.label}-{key[:8]}")
+                                         f"ablation-{config.data.label}-{key[:8]}", finish=True)
         variant = config.train.variant
         self.run_id = _find_or_create(self.client, self.experiment_id,
                                       {"mulcon.kind": "variant", "mulcon.key": key, "variant": variant},
@@ -165,29 +171,53 @@ class Tracker:
         self.mlflow.log_input(dataset, context=context)
 
     def log_epoch(self, record: dict[str, Any], step: int) -> None:
-        names = {"classification": "loss_classification", "contrastive": "loss_contrastive", "total": "loss_total"}
-        metrics = {names.get(key, key): float(value) for key, value in record.items()
-                   if isinstance(value, (int, float)) and key != "epoch"}
-        self.mlflow.log_metrics(metrics, step=step)
+        self.mlflow.log_metrics(epoch_metrics(record), step=step)
+
+    def log_missing_epochs(self, records: list[dict[str, Any]], offsets: dict[str, int]) -> int:
+        """Log each metric of each epoch record that the run lacks at the record's step (an epoch
+        trained while the server was down); returns how many epochs were completed so."""
+        logged: dict[str, set[int]] = {}
+        completed = 0
+        for record in records:
+            step = offsets[record["stage"]] + record["epoch"]
+            metrics = epoch_metrics(record)
+            for name in metrics:
+                if name not in logged:
+                    logged[name] = {point.step for point in self.client.get_metric_history(self.run_id, name)}
+            missing = {name: value for name, value in metrics.items() if step not in logged[name]}
+            if missing:
+                self.mlflow.log_metrics(missing, step=step)
+                completed += 1
+        return completed
 
     def log_artifacts(self, paths: list[Path], folder: str) -> None:
         for path in paths:
             if Path(path).exists():
                 self.mlflow.log_artifact(str(path), folder)
 
-    def log_model(self, network, image_size: int, classes: list[str], thresholds: list[float] | None = None) -> str:
-        """Log the trained network as a `mulcon.serving.Scorer` and register it as mulcon-<dataset> (mulcon-folder-<name>).
+    def log_model(self, network, state: dict[str, Any]) -> str:
+        """Log the trained network (plain artifacts, `mulcon.serving.log_model`) and register it as
+        mulcon-<dataset> (mulcon-folder-<name>); `state` is its model file's content (config, classes,
+        thresholds).
 
         Returns:
             The registered model version.
         """
         name = f"mulcon-{self.config.data.label}"
-        info = log_model(Scorer(network.cpu().eval(), classes, image_size, thresholds), name="model",
-                         registered_model_name=name,
-                         metadata={"classes": classes, "variant": self.config.train.variant})
+        scorer = Scorer(network.cpu().eval(), state["classes"], self.config.data.image_size, state.get("thresholds"))
+        info = log_model(scorer, name="model", registered_model_name=name, config=state["config"],
+                         label_level=state["label_level"],
+                         metadata={"classes": state["classes"], "variant": self.config.train.variant})
         version = str(info.registered_model_version)
         self.client.set_model_version_tag(name, version, "variant", self.config.train.variant)
         return version
+
+def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of one epoch record of a stage's history (losses, lr, val metrics)."""
+    names = {"classification": "loss_classification", "contrastive": "loss_contrastive", "total": "loss_total"}
+    return {names.get(key, key): float(value) for key, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"}
+
 
 def epoch_offsets(config: Config) -> dict[str, int]:
     """Epochs run before each stage of the variant's plan: MLflow steps count across stages."""
@@ -197,9 +227,23 @@ def epoch_offsets(config: Config) -> dict[str, int]:
     return offsets
 
 
+def _histories(out_dir: Path, config: Config) -> list[dict[str, Any]]:
+    """The epoch records of every stage of the variant's plan that has a history.json in `out_dir`."""
+    records = []
+    for step in plan_variant(config.train).steps:
+        path = out_dir / step.stage / "history.json"
+        if path.is_file():
+            records += read_json(path, missing=f"{path}: missing")
+    return records
+
+
 def track_training(config: Config, stage: str, train: Callable[[Callable], Path]) -> Path:
     """Run `train(callback)` inside the variant's MLflow run: params, tags, per-epoch metrics,
     system metrics; once the variant's last stage is done, its histories and its model.
+
+    A tracking call that fails mid-run ends the command (`tracking_errors`) after the epoch's
+    checkpoint was written; on `--resume`, every epoch of the stages' histories that the run lacks
+    is logged, so each epoch's metrics are in the run exactly once.
 
     Args:
         stage: the CLI's --stage ("all", "pretrain" or "finetune").
@@ -207,53 +251,60 @@ def track_training(config: Config, stage: str, train: Callable[[Callable], Path]
     """
     if not distributed.is_main():  # under torchrun the other processes train and rank 0 logs
         return train(None)
-    tracker = Tracker(config, stage)
-    offsets = epoch_offsets(config)
-    plan = plan_variant(config.train)
-    with tracker.active(system_metrics=config.tracking.system_metrics):
-        tracker.log_config()
-        tracker.log_dataset("train")
-        final = train(lambda record: tracker.log_epoch(record, offsets[record["stage"]] + record["epoch"]))
-        finished = final.exists() and stage in ("all", plan.steps[-1].stage)
-        if finished:
-            network, state = load_model(final)
-            saved_val = (state.get("val") or {}).get("val_mAP")
-            if saved_val is not None:  # what promotion compares: the saved model's, not the history's best
-                tracker.mlflow.log_metric(MODEL_METRIC, float(saved_val))
-        if finished and config.tracking.register_model and "model_version" not in tracker.tags_now():
-            tracker.log_artifacts([final.parent / step.stage / "history.json" for step in plan.steps], "history")
-            version = tracker.log_model(network, config.data.image_size, state["classes"], state.get("thresholds"))
-            tracker.mlflow.set_tag("model_version", version)
-            logger.info("registered mulcon-%s version %s (run %s)", config.data.label, version, tracker.run_id)
+    with tracking_errors("training", resume_hint=True):
+        tracker = Tracker(config, stage)
+        offsets = epoch_offsets(config)
+        plan = plan_variant(config.train)
+        with tracker.active(system_metrics=config.tracking.system_metrics):
+            tracker.log_config()
+            tracker.log_dataset("train")
+            final = train(lambda record: tracker.log_epoch(record, offsets[record["stage"]] + record["epoch"]))
+            completed = tracker.log_missing_epochs(_histories(final.parent, config), offsets)
+            if completed:
+                logger.info("logged %d epochs trained while the tracking server did not answer", completed)
+            finished = final.exists() and stage in ("all", plan.steps[-1].stage)
+            if finished:
+                network, state = load_model(final)
+                saved_val = (state.get("val") or {}).get("val_mAP")
+                if saved_val is not None:  # what promotion compares: the saved model's, not the history's best
+                    tracker.mlflow.log_metric(MODEL_METRIC, float(saved_val))
+            if finished and config.tracking.register_model and "model_version" not in tracker.tags_now():
+                tracker.log_artifacts([final.parent / step.stage / "history.json" for step in plan.steps], "history")
+                version = tracker.log_model(network, state)
+                tracker.mlflow.set_tag("model_version", version)
+                logger.info("registered mulcon-%s version %s (run %s)", config.data.label, version, tracker.run_id)
     return final
 
 
 def track_evaluation(config: Config, metrics: dict[str, Any], files: list[Path]) -> None:
     """Log an evaluation's metrics (prefixed with the split) and report files to the variant's run."""
-    tracker = Tracker(config, "evaluate")
-    split = metrics["split"]
-    with tracker.active():
-        tracker.log_dataset(split)
-        tracker.mlflow.log_metrics({f"{split}_{key}": float(value) for key, value in metrics.items()
-                                    if isinstance(value, float)})
-        tracker.log_artifacts(files, f"evaluation/{split}")
+    with tracking_errors("evaluation"):
+        tracker = Tracker(config, "evaluate")
+        split = metrics["split"]
+        with tracker.active():
+            tracker.log_dataset(split)
+            tracker.mlflow.log_metrics({f"{split}_{key}": float(value) for key, value in metrics.items()
+                                        if isinstance(value, float)})
+            tracker.log_artifacts(files, f"evaluation/{split}")
 
 
 def track_analysis(config: Config, metrics: dict[str, Any], files: list[Path]) -> None:
     """Log the analysis figures and retrieval precision@k to the run of the `mulcon` variant."""
-    tracker = Tracker(replace(config, train=replace(config.train, variant="mulcon")), "analyze")
-    with tracker.active():
-        tracker.mlflow.log_metrics({key: float(value) for key, value in metrics.items()
-                                    if key.startswith("precision_at_")})
-        tracker.log_artifacts(files, "analysis")
+    with tracking_errors("analysis"):
+        tracker = Tracker(replace(config, train=replace(config.train, variant="mulcon")), "analyze")
+        with tracker.active():
+            tracker.mlflow.log_metrics({key: float(value) for key, value in metrics.items()
+                                        if key.startswith("precision_at_")})
+            tracker.log_artifacts(files, "analysis")
 
 
 def track_report(config: Config, files: list[Path], metrics: dict[str, float] | None = None) -> None:
     """Attach the ablation tables and figures to the parent run of the ablation (that of train.seed),
     with the per-variant means and spread over seeds (`mulcon.report.aggregate_metrics`) as metrics."""
-    tracker = Tracker(config, "report")
-    with tracker.mlflow.start_run(run_id=tracker.parent_id):  # ends the parent run as FINISHED
-        tracker.mlflow.set_tags({**tracker.tags, "stage": "report", "seeds": str(len(config.train.seeds) + 1)})
-        tracker.log_artifacts(files, "report")
-        if metrics:
-            tracker.mlflow.log_metrics(metrics)
+    with tracking_errors("report"):
+        tracker = Tracker(config, "report")
+        with tracker.mlflow.start_run(run_id=tracker.parent_id):  # ends the parent run as FINISHED
+            tracker.mlflow.set_tags({**tracker.tags, "stage": "report", "seeds": str(len(config.train.seeds) + 1)})
+            tracker.log_artifacts(files, "report")
+            if metrics:
+                tracker.mlflow.log_metrics(metrics)

@@ -24,6 +24,13 @@ TYPES = {"STRING": ("a string", "v1.2"), "NUMBER_INTEGER": ("an integer", "4"), 
          "BOOLEAN": ("true or false", "true"), "LIST": ("a list", "[train.seed=1]"),
          "STRUCT": ("a mapping", "{key: value}")}
 INTEGER = re.compile(r"[+-]?\d+")
+# What a cluster run needs and has no default for: the image holds no data, so prepare fetches a
+# data version (a git revision) from the repository through DVC.
+CLUSTER_ARGUMENTS = {"data_revision": "a git revision (tag, commit, branch) of repo_url whose data.dvc names the data, "
+                                      "e.g. -p data_revision=v1.2",
+                     "repo_url": "this repository as the cluster can clone it, e.g. "
+                                 "-p repo_url=https://git.example/team/mulcon.git"}
+MULTINODE_PARAMETERS = ("nodes", "workspace_pvc", "job_timeout_hours")
 
 
 class PipelineError(MulconError):
@@ -96,7 +103,7 @@ def parse_arguments(pairs: list[str], inputs: dict[str, dict[str, Any]], multino
         if name in arguments:
             raise PipelineError(f"-p {name}: given twice")
         if name not in inputs:
-            hint = " (a parameter of the multi-node pipeline: add --multinode)" if name in ("nodes", "workspace_pvc") \
+            hint = " (a parameter of the multi-node pipeline: add --multinode)" if name in MULTINODE_PARAMETERS \
                 and not multinode else ""
             raise PipelineError(f"-p {name}={text}: the pipeline has no parameter {name!r}{hint}; its parameters: "
                                 f"{', '.join(inputs)}")
@@ -109,6 +116,20 @@ def parse_arguments(pairs: list[str], inputs: dict[str, dict[str, Any]], multino
             raise PipelineError(f"-p {name}={text}: {name} is one of {', '.join(CHOICES[name])}")
         arguments[name] = value
     return arguments
+
+
+def require_cluster_arguments(arguments: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> None:
+    """A run on a cluster has its data source: `data_revision` and `repo_url` given (or compiled in) and not empty.
+
+    Raises:
+        PipelineError: naming the first one missing and what it takes (run-local keeps the
+            working directory's data and needs neither).
+    """
+    for name, what in CLUSTER_ARGUMENTS.items():
+        value = arguments.get(name, inputs.get(name, {}).get("defaultValue", ""))
+        if not str(value).strip():
+            raise PipelineError(f"-p {name}: a cluster run needs {what} (the image holds no data; "
+                                "run-local uses the working directory's)")
 
 
 def output_file(path: str | os.PathLike) -> Path:

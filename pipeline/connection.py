@@ -3,7 +3,8 @@
 `connect` first asks the API's health endpoint, with a timeout, one try and the bearer token, so an
 endpoint that is down, refuses the connection or the token, fails TLS or does not answer gives one
 line naming the host and what to do, within `timeout` seconds, before anything is sent (kfp.Client
-would retry for minutes and print tracebacks). Its later requests get the same timeout, and
+would retry for minutes and print tracebacks); a host with credentials in it is shown redacted
+(`mulcon.errors.redact`). Its later requests get the same timeout, and
 `api_errors` turns what the server answers (an existing name, an unknown experiment) into one line.
 """
 
@@ -25,6 +26,7 @@ import kfp
 import kfp_server_api
 import urllib3
 
+from mulcon.errors import redact
 from pipeline.checks import PipelineError
 
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -37,7 +39,7 @@ def check_host(host: str) -> str:
     """`host` without a trailing slash, once it is an http(s) URL with a host name."""
     parts = urlsplit(host)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PipelineError(f"--host {host!r}: not an http(s) URL; e.g. http://localhost:8080 (a port-forward) "
+        raise PipelineError(f"--host {redact(host)!r}: not an http(s) URL; e.g. http://localhost:8080 (a port-forward) "
                             "or https://kubeflow.example/pipeline")
     return host.rstrip("/")
 
@@ -55,6 +57,7 @@ def _message(body: bytes | str | None) -> str:
 def http_problem(host: str, status: int, reason: str, body: bytes | str | None, token_env: str,
                  token: str | None) -> str:
     """The line for an HTTP error `status` answered by the API at `host`."""
+    host = redact(host)
     answered = f"the Kubeflow Pipelines API at {host} answered {status} {reason}".rstrip()
     message = _message(body)
     detail = f": {message}" if message and message != reason else ""
@@ -67,18 +70,19 @@ def http_problem(host: str, status: int, reason: str, body: bytes | str | None, 
 
 def network_problem(host: str, reason: object, timeout: float) -> str:
     """The line for a connection to `host` that failed with `reason` (an exception or its text)."""
+    host = redact(host)
     if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
         return (f"no answer from the Kubeflow Pipelines API at {host} within {timeout:g} s; check that it runs and "
                 "that --host or KF_PIPELINES_ENDPOINT is its address (--timeout waits longer)")
     if isinstance(reason, ssl.SSLError) or "SSL" in str(reason):
-        detail = getattr(reason, "reason", None) or " ".join(str(reason).split())
+        detail = redact(getattr(reason, "reason", None) or " ".join(str(reason).split()))
         return (f"TLS failure talking to {host} ({detail}); write http:// for a plain-HTTP endpoint (a port-forward), "
                 "or check the server's certificate")
     if isinstance(reason, socket.gaierror) or "Name or service not known" in str(reason):
         return f"cannot reach the Kubeflow Pipelines API at {host}: unknown host name; check --host or KF_PIPELINES_ENDPOINT"
     if isinstance(reason, ConnectionRefusedError) or "refused" in str(reason):
         return f"cannot reach the Kubeflow Pipelines API at {host}: connection refused; {HOST_HINT}"
-    return f"cannot reach the Kubeflow Pipelines API at {host}: {' '.join(str(reason).split())}; {HOST_HINT}"
+    return f"cannot reach the Kubeflow Pipelines API at {host}: {redact(' '.join(str(reason).split()))}; {HOST_HINT}"
 
 
 def check_endpoint(host: str, token: str | None, token_env: str, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -97,7 +101,7 @@ def check_endpoint(host: str, token: str | None, token_env: str, timeout: float 
             body = response.read()
     except urllib.error.HTTPError as error:
         if error.code == 404:
-            raise PipelineError(f"{host}{HEALTHZ} answered 404 Not Found: not a Kubeflow Pipelines v2 API; check "
+            raise PipelineError(f"{redact(host)}{HEALTHZ} answered 404 Not Found: not a Kubeflow Pipelines v2 API; check "
                                 "--host or KF_PIPELINES_ENDPOINT") from None
         raise PipelineError(http_problem(host, error.code, error.reason, error.read(), token_env, token)) from None
     except urllib.error.URLError as error:
@@ -109,7 +113,7 @@ def check_endpoint(host: str, token: str | None, token_env: str, timeout: float 
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        raise PipelineError(f"{host}{HEALTHZ} did not answer as the Kubeflow Pipelines API (a login page?); check "
+        raise PipelineError(f"{redact(host)}{HEALTHZ} did not answer as the Kubeflow Pipelines API (a login page?); check "
                             f"--host, and set {token_env} to a bearer token if the cluster asks for one")
 
 

@@ -16,15 +16,12 @@ from typing import Iterator
 import pytest
 import yaml
 
+from mulcon.config import TINY as TINY_TRAINING, TINY_DEMO
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The real params.yaml, shrunk: the smallest backbone at 32 px, a few images, one epoch per step.
-TINY = [
-    "data.image_size=32", "data.num_workers=0", "data.val_fraction=0.2", "model.embed_dim=32",
-    "model.projection_dim=16", "pretrain.batch_size=8", "finetune.batch_size=4",
-    "train.pretrain_epochs=1", "train.finetune_epochs=1", "train.device=cpu", "evaluate.batch_size=16",
-    "tracking.enabled=false",
-]
+TINY = [*TINY_TRAINING, "train.device=cpu", "tracking.enabled=false"]
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +56,17 @@ def tiny_params(tiny_data, tmp_path) -> Path:
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def _forget_mlflow_tracking_uri():
+    """`mulcon.mlflow_client.connect` sets MLflow's process-wide tracking URI; a test's server is gone
+    after it, so the next test starts from $MLFLOW_TRACKING_URI again, as a new process would."""
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None  # MLflow's own unset: no public call takes a URI back
+
+
 def reference_map(config, model_file: Path, split: str = "test") -> float:
     """The model's mAP (percent) on `split`, by scikit-learn: the mean over labels with a positive
     of average_precision_score on the pairs not ignored. The reference the metric tests compare with."""
@@ -91,8 +99,7 @@ def make_repo(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict[str, str
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
     values = yaml.safe_load((repo / "params.yaml").read_text())
-    for override in [*TINY, "tracking.enabled=true", "demo.num_train=24", "demo.num_val=12", "demo.image_size=48",
-                     *overrides]:
+    for override in [*TINY, "tracking.enabled=true", *TINY_DEMO, *overrides]:
         key, value = override.split("=")
         section, name = key.split(".")
         values[section][name] = yaml.safe_load(value)

@@ -25,6 +25,7 @@ from tests.conftest import ROOT, make_bucket
 pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
 IMAGE = "registry.example/mulcon:test"
 TRAINING = ("exec-pretrain", "exec-finetune", "exec-train-variant")
+DATA = ["-p", "data_revision=v1", "-p", "repo_url=https://git.example/team/mulcon.git"]  # what a cluster run needs
 
 
 def compile_pipeline(tmp_path, *extra: str) -> tuple[dict, dict]:
@@ -78,7 +79,7 @@ def test_pipeline_defaults_are_those_of_params_yaml_in_both_pipelines(tmp_path):
     single, multi = compiled_inputs(), compiled_inputs(multinode=True)
     for inputs in (single, multi):
         assert {name: inputs[name]["defaultValue"] for name in expected} == expected
-    assert set(multi) - set(single) == {"nodes", "workspace_pvc"} and set(single) < set(multi)
+    assert set(multi) - set(single) == {"nodes", "workspace_pvc", "job_timeout_hours"} and set(single) < set(multi)
     assert {name: single[name] for name in single} == {name: multi[name] for name in single}
     params["data"]["dataset"], params["train"]["pretrain_epochs"], params["train"]["finetune_epochs"] = "coco2014", 7, 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -90,7 +91,7 @@ def test_multinode_pipeline_launches_a_pytorchjob(tmp_path):
     spec, kubernetes = compile_pipeline(tmp_path, "--multinode")
     assert {"nodes", "workspace_pvc"} <= set(spec["root"]["inputDefinitions"]["parameters"])
     assert "train-multinode" in spec["root"]["dag"]["tasks"] and "pretrain" not in spec["root"]["dag"]["tasks"]
-    assert kubernetes["exec-train-multinode"]["pvcMount"][0]["mountPath"] == "/workspace"
+    assert {mount["mountPath"] for mount in kubernetes["exec-train-multinode"]["pvcMount"]} == {"/workspace", "/mnt/data"}
     command = ["python", "-m", "torch.distributed.run", "--nproc_per_node=8", "-m", "mulcon", "train"]
     job = pytorchjob_manifest("mulcon-run", "team", IMAGE, 3, 8, command, "mulcon-workspace", {"MULCON_PIPELINE_RUN": "r"})
     assert (job["apiVersion"], job["kind"], job["spec"]["nprocPerNode"]) == ("kubeflow.org/v1", "PyTorchJob", "8")
@@ -100,8 +101,11 @@ def test_multinode_pipeline_launches_a_pytorchjob(tmp_path):
     assert container["name"] == "pytorch" and container["command"] == command
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert {"name": "MULCON_PIPELINE_RUN", "value": "r"} in container["env"]
+    # A required key is required in the pods too: a pod whose secret lacks it does not start.
     assert {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {
-        "name": "mulcon-mlflow", "key": "MLFLOW_TRACKING_URI", "optional": True}}} in container["env"]
+        "name": "mulcon-mlflow", "key": "MLFLOW_TRACKING_URI", "optional": False}}} in container["env"]
+    assert {"name": "MLFLOW_TRACKING_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "mulcon-mlflow", "key": "MLFLOW_TRACKING_TOKEN", "optional": True}}} in container["env"]
 
 
 class KubeflowApi(BaseHTTPRequestHandler):
@@ -191,33 +195,40 @@ def test_submit_and_schedule_send_the_pipeline_with_the_token_from_the_environme
 
     host, requests = kubeflow_api
     monkeypatch.setenv("KFP_TOKEN", "token-from-env")
+    monkeypatch.setenv("MULCON_IMAGE", IMAGE)
     KubeflowApi.token = "token-from-env"
-    assert main(["submit", "--host", host, "-p", "data_revision=1.10", "-p", "gpus=4"]) == 0
+    repo = "-p", "repo_url=https://git.example/team/mulcon.git"
+    assert main(["submit", "--host", host, "-p", "data_revision=1.10", *repo, "-p", "gpus=4"]) == 0
     [run] = [body for method, path, _, body in requests if path == "/apis/v2beta1/runs"]
-    assert run["runtime_config"]["parameters"] == {"data_revision": "1.10", "gpus": 4}  # a string stays as written
+    assert run["runtime_config"]["parameters"] == {"data_revision": "1.10", "gpus": 4,  # a string stays as written
+                                                   "repo_url": "https://git.example/team/mulcon.git"}
     assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "mulcon"
     executors = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert executors["exec-pretrain"]["secretAsEnv"][0]["secretName"] == "mulcon-s3"
-    assert main(["schedule", "--host", host, "--cron", "0 0 3 * * *", "-p", "dataset=coco2014"]) == 0
+    assert {executor["container"]["image"] for executor in run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"][
+        "executors"].values()} == {IMAGE}  # from $MULCON_IMAGE
+    assert main(["schedule", "--host", host, "--cron", "0 0 3 * * *", "-p", "dataset=coco2014", *DATA]) == 0
     [recurring] = [body for method, path, _, body in requests if path == "/apis/v2beta1/recurringruns"]
     assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
     assert recurring["display_name"] == "mulcon-retraining" and int(recurring["max_concurrency"]) == 1
-    assert recurring["runtime_config"]["parameters"] == {"dataset": "coco2014"}
+    assert recurring["runtime_config"]["parameters"] == {"dataset": "coco2014", "data_revision": "v1",
+                                                         "repo_url": "https://git.example/team/mulcon.git"}
     assert recurring["experiment_id"] == "experiment-1"
     assert {authorization for _, _, authorization, _ in requests} == {"Bearer token-from-env"}
     assert "recurring run recurring-1 (0 0 3 * * *)" in capsys.readouterr().out
     # The API's own error answers, on one line each.
-    error = fails(capsys, "schedule", "--host", host, "--cron", "0 0 3 * * *")
+    error = fails(capsys, "schedule", "--host", host, "--cron", "0 0 3 * * *", *DATA)
     assert error == (f"error: the Kubeflow Pipelines API at {host} answered 409 Conflict: Failed to create a "
                      "recurring run: a recurring run named 'mulcon-retraining' already exists")
     KubeflowApi.errors = {"/apis/v2beta1/runs": (404, {"code": 5, "message": "Failed to create a run: experiment "
                                                                                "experiment-1 not found"})}
-    assert fails(capsys, "submit", "--host", host, "--experiment", "gone").endswith(
+    assert fails(capsys, "submit", "--host", host, "--experiment", "gone", *DATA).endswith(
         "answered 404 Not Found: Failed to create a run: experiment experiment-1 not found")
 
 
-def test_mistakes_are_one_line_found_before_anything_is_sent(kubeflow_api, tmp_path, capsys):
+def test_mistakes_are_one_line_found_before_anything_is_sent(kubeflow_api, tmp_path, monkeypatch, capsys):
     host, requests = kubeflow_api
+    monkeypatch.delenv("MULCON_IMAGE", raising=False)
     package = tmp_path / "pipeline.yaml"
     assert fails(capsys, "compile", "-o", "/nonexistent/dir/p.yaml") == (
         "error: --output /nonexistent/dir/p.yaml: the folder /nonexistent/dir does not exist; create it or write elsewhere")
@@ -226,12 +237,28 @@ def test_mistakes_are_one_line_found_before_anything_is_sent(kubeflow_api, tmp_p
         f"the folder {tmp_path / 'file'} is a file, not a folder; create it or write elsewhere")
     assert "is a folder; give a file name" in fails(capsys, "compile", "-o", str(tmp_path))
     assert "must end in .yaml or .yml" in fails(capsys, "compile", "-o", str(tmp_path / "p.json"))
+    # No image, no pipeline: no default names an image that nothing builds.
+    for command in (["compile", "-o", str(package)], ["submit", "--host", host, *DATA],
+                    ["schedule", "--host", host, "--cron", "0 0 3 * * *", *DATA]):
+        assert fails(capsys, *command) == (
+            "error: give --image (or set MULCON_IMAGE): the project image the cluster pulls, as `make image` tags it "
+            "and you push it, e.g. --image registry.example/mulcon:3f2a1c9")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]  # nothing written
+    monkeypatch.setenv("MULCON_IMAGE", IMAGE)
     error = fails(capsys, "submit", "--host", host, "-p", "nosuch=1")  # the pipeline compiled now, then checked
     assert error.startswith("error: -p nosuch=1: the pipeline has no parameter 'nosuch'; its parameters: ")
     assert {"dataset", "data_revision", "gpus", "pretrain_epochs", "overrides"} <= set(error.split(": ")[-1].split(", "))
     assert main_ok(["compile", "-o", str(package)])
     given = ["submit", "--host", host, "--package", str(package)]
+    # The image holds no data: a cluster run names a data version (run-local uses the working directory's).
+    assert fails(capsys, *given, "-p", "repo_url=https://git.example/team/mulcon.git") == (
+        "error: -p data_revision: a cluster run needs a git revision (tag, commit, branch) of repo_url whose data.dvc "
+        "names the data, e.g. -p data_revision=v1.2 (the image holds no data; run-local uses the working directory's)")
+    assert fails(capsys, "schedule", "--host", host, "--package", str(package), "--cron", "0 0 3 * * *",
+                 "-p", "data_revision=v1", "-p", "repo_url= ").startswith(
+        "error: -p repo_url: a cluster run needs this repository as the cluster can clone it, e.g. ")
+    assert fails(capsys, *given, "--image", "other:1", *DATA).startswith(
+        "error: --image other:1 with --package: the package names its image already; ")
     assert fails(capsys, *given, "-p", "gpus=two") == "error: -p gpus=two: gpus takes an integer, e.g. -p gpus=4"
     assert fails(capsys, *given, "-p", "promote_margin=half").endswith("promote_margin takes a number, e.g. "
                                                                         "-p promote_margin=0.5")
@@ -271,12 +298,12 @@ def test_unreachable_refusing_and_unauthorized_endpoints_name_the_host_within_10
                                                                                           monkeypatch, capsys):
     host, requests = kubeflow_api
     package = tmp_path / "pipeline.yaml"
-    assert main_ok(["compile", "-o", str(package)])
+    assert main_ok(["compile", "-o", str(package), "--image", IMAGE])
     capsys.readouterr()
 
     def timed(*argv: str) -> str:
         start = time.monotonic()
-        error = fails(capsys, *argv, "--package", str(package))
+        error = fails(capsys, *argv, "--package", str(package), *DATA)
         assert time.monotonic() - start < 10, argv
         return error
 
@@ -315,7 +342,8 @@ def test_unreachable_refusing_and_unauthorized_endpoints_name_the_host_within_10
 
 def test_the_command_exits_2_with_one_line_on_a_closed_port():
     closed = f"http://127.0.0.1:{closed_port()}"
-    result = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--host", closed, "-p", "gpus=2"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--host", closed, "--image", IMAGE, *DATA,
+                             "-p", "gpus=2"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].startswith(f"error: cannot reach the Kubeflow Pipelines API at {closed}")
@@ -357,20 +385,27 @@ def test_prepare_component_fetches_the_data_of_a_revision_through_dvc_from_s3(s3
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.chdir(tmp_path)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    volume = tmp_path / "volume"  # the data volume
     task = prepare(dataset="demo", data_revision="v1", repo_url=str(repo), dvc_remote="", params_file=str(ROOT / "params.yaml"),
-                   overrides=["data.val_fraction=0.2"], pretrain_epochs=1, finetune_epochs=1)
+                   overrides=["data.val_fraction=0.2"], pretrain_epochs=1, finetune_epochs=1, pipeline_run="run-1",
+                   data_root=str(volume), checkpoint_root="/mnt/checkpoints")
     data = task.outputs["data"]
-    fetched = sorted(path.relative_to(data.path + "/data/demo") for path in (tmp_path / data.path / "data" / "demo").rglob("*"))
+    raw = volume / "run-1" / "data" / "demo"
+    fetched = sorted(path.relative_to(raw) for path in raw.rglob("*"))
     assert fetched == sorted(path.relative_to(tmp_path / "v1") for path in (tmp_path / "v1").rglob("*"))
-    assert (tmp_path / data.path / "data/demo/annotations/instances_train2014.json").read_bytes() == (
+    assert (raw / "annotations/instances_train2014.json").read_bytes() == (
         tmp_path / "v1/annotations/instances_train2014.json").read_bytes()
     v1_md5 = yaml.safe_load(subprocess.run(["git", "show", "v1:data.dvc"], cwd=repo, capture_output=True,
                                            text=True, check=True).stdout)["outs"][0]["md5"]
     assert data.metadata["data_version"] == v1_md5 and data.metadata["revision"] == "v1"
+    assert data.metadata["data_dir"] == str(volume / "run-1")
     params = yaml.safe_load(open(os.path.join(data.path, "params.yaml")))
-    assert params["data"]["prepared_root"] == os.path.join(data.path, "prepared")
+    assert params["data"]["prepared_root"] == str(volume / "run-1" / "prepared")
+    assert params["train"]["checkpoint_root"] == "/mnt/checkpoints"
     assert (params["train"]["pretrain_epochs"], params["data"]["val_fraction"]) == (1, 0.2)
-    assert os.path.exists(os.path.join(data.path, "prepared", "demo", "train.csv"))
+    assert (volume / "run-1" / "prepared" / "demo" / "train.csv").exists()
+    assert sorted(os.listdir(data.path)) == ["params.yaml"]  # what every later task downloads: no image, no cache
+    assert sorted(os.listdir(volume / "run-1")) == ["data", "prepared"]  # DVC's clone went, on the volume
 
 
 def test_run_local_runs_the_whole_pipeline_into_mlflow(tmp_path, postgres_mlflow_server):

@@ -90,7 +90,7 @@ def test_voc2007_predict_calibrated_and_onnx_export_within_1e4(voc_run):
     model_file = tmp_path / "runs" / "mulcon_bce" / "model.pt"
     images = sorted(str(path) for path in (tmp_path / "data" / "voc2007").rglob("*.jpg"))[:3]
     scorer = load_scorer(model_file)
-    classifier = ImageClassifier(scorer)
+    classifier = ImageClassifier(scorer, local=True)  # file paths of this machine
     answers = classifier.predict(images, {"threshold": "calibrated"})
     for labels, scores in zip(answers.labels, classifier.scores(images)):
         assert set(labels) == {scorer.classes[j] for j in np.flatnonzero(scores >= np.asarray(scorer.thresholds))}
@@ -199,5 +199,5 @@ def test_folder_model_exported_registered_and_served_with_calibrated_thresholds(
         del os.environ["MLFLOW_TRACKING_URI"]
     thresholds = np.asarray(checkpoint.load(model_file)["thresholds"])
     scorer = load_scorer(model_file)
-    for labels, scores in zip(answer["labels"], ImageClassifier(scorer).scores(images)):
+    for labels, scores in zip(answer["labels"], ImageClassifier(scorer, local=True).scores(images)):
         assert set(labels) == {scorer.classes[j] for j in np.flatnonzero(scores >= thresholds)}

@@ -55,7 +55,7 @@ def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path, postgres_mlflow_serve
     assert "Data and pipelines are up to date" in dvc(repo, environment, "status").stdout
     metrics = dvc(repo, environment, "metrics", "show").stdout
     header = metrics.splitlines()[0].split()
-    assert header[:4] == ["Path", "mAP", "CF1", "OF1"] and len(header) <= 25, header  # fits a terminal
+    assert {"mAP", "CF1", "OF1"} <= set(header) and len(header) <= 25, header  # fits a terminal
     assert "reports/mulcon/summary.json" in metrics and "reports/ablation.json" in metrics
     assert {f"mAP_diff.{variant}" for variant in VARIANTS} <= set(header)
     # Plain `dvc exp show` in a 200-column terminal: every variant's mAP on the first screen.
