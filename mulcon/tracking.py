@@ -227,11 +227,16 @@ def epoch_offsets(config: Config) -> dict[str, int]:
     return offsets
 
 
-def _histories(out_dir: Path, config: Config) -> list[dict[str, Any]]:
-    """The epoch records of every stage of the variant's plan that has a history.json in `out_dir`."""
+def _histories(out_dir: Path, config: Config, stage: str) -> list[dict[str, Any]]:
+    """The epoch records of the stages the command ran (`stage`: "all", or one stage of the plan)
+    that have a history.json in `out_dir`. Another stage's file may be older than this run (`dvc
+    repro` reruns a stage while the next one's outputs, of the data before, are still there): its
+    epochs are not this run's."""
     records = []
     for step in plan_variant(config.train).steps:
         path = out_dir / step.stage / "history.json"
+        if stage not in ("all", step.stage):
+            continue
         if path.is_file():
             records += read_json(path, missing=f"{path}: missing")
     return records
@@ -259,7 +264,7 @@ def track_training(config: Config, stage: str, train: Callable[[Callable], Path]
             tracker.log_config()
             tracker.log_dataset("train")
             final = train(lambda record: tracker.log_epoch(record, offsets[record["stage"]] + record["epoch"]))
-            completed = tracker.log_missing_epochs(_histories(final.parent, config), offsets)
+            completed = tracker.log_missing_epochs(_histories(final.parent, config, stage), offsets)
             if completed:
                 logger.info("logged %d epochs trained while the tracking server did not answer", completed)
             finished = final.exists() and stage in ("all", plan.steps[-1].stage)

@@ -116,7 +116,11 @@ def test_the_tiny_pipeline_runs_in_the_project_image_into_mlflow(user, docker_ap
     [root] = pipeline_root.glob("mulcon-*")
     table = root / "report" / "tables" / "ablation.csv"
     assert table.exists() and table.stat().st_uid == int(user.split(":")[0])  # written in the container, as `user`
-    assert (root / "prepare" / "data" / "data" / "demo" / "train2014").is_dir()  # fetched from S3, not mounted
+    # The data of the revision, fetched from S3 in the prepare container onto the data volume (here a
+    # folder of the pipeline root), and no image in any task's artifacts.
+    [fetched] = (pipeline_root / "volumes" / "data").glob("*/data/demo/train2014")
+    assert any(fetched.iterdir()) and fetched.stat().st_uid == int(user.split(":")[0])
+    assert not any(root.rglob("*.jpg")) and not any(root.rglob("*.npy"))
 
     client = mlflow.MlflowClient(postgres_mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("mulcon-demo").experiment_id])

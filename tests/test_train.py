@@ -92,7 +92,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_params, t
     assert not (tmp_path / "runs" / "mulcon_bce" / "model.pt").exists()
 
 
-def test_resume_with_a_different_label_set_is_refused(tiny_params, tiny_data, tmp_path):
+def test_resume_with_a_different_label_set_starts_over_and_a_mislabelled_checkpoint_is_refused(
+        tiny_params, tiny_data, tmp_path, caplog):
     run_training(load_config(tiny_params, ["train.variant=mulcon_bce"]))
     (tmp_path / "runs" / "mulcon_bce" / "pretrain" / "model.pt").unlink()  # so resume reads checkpoint.pt
     other = tmp_path / "prepared" / "demo"
@@ -100,6 +101,14 @@ def test_resume_with_a_different_label_set_is_refused(tiny_params, tiny_data, tm
     classes = json.loads((other / "classes.json").read_text())
     (other / "classes.json").write_text(json.dumps(classes + ["extra"]))
     config = load_config(tiny_params, ["train.variant=mulcon_bce", f"data.prepared_root={tmp_path / 'prepared'}"])
+    with caplog.at_level("WARNING", logger="mulcon.train"):
+        run_training(config, resume=True)  # other classes: other data, so the stage starts over
+    assert "checkpoint.pt was made on other data (classes.json changed): mulcon_bce/pretrain starts over" in caplog.text
+    assert len(checkpoint.load(tmp_path / "runs" / "mulcon_bce" / "model.pt")["classes"]) == 13
+    # A checkpoint that claims this data but holds another label set is refused, never loaded.
+    state = checkpoint.load(tmp_path / "checkpoints" / "mulcon_bce" / "pretrain" / "checkpoint.pt")
+    checkpoint.save(tmp_path / "checkpoints" / "mulcon_bce" / "pretrain" / "checkpoint.pt", {**state, "num_labels": 12})
+    (tmp_path / "runs" / "mulcon_bce" / "pretrain" / "model.pt").unlink()
     with pytest.raises(CheckpointError, match=r"checkpoint.pt: made for variant mulcon_bce with 12 labels, "
                                               r"cannot resume mulcon_bce with 13 labels"):
         run_training(config, resume=True)
