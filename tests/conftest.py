@@ -223,3 +223,28 @@ def postgres_mlflow_server(tmp_path_factory, s3_server):
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         admin.close()
+
+
+def check_pipeline_run(uri: str) -> tuple[list, list]:
+    """What one run of the tiny Kubeflow pipeline leaves in the MLflow store at `uri`: one ablation parent
+    run with a nested run per Table 3 variant, all of one pipeline run, each with test metrics and a
+    registered model version; the report on the parent; the MulCon model promoted (champion and
+    challenger), five versions of mulcon-demo. Returns (every run of mulcon-demo, the nested runs)."""
+    import mlflow
+
+    from mulcon.config import VARIANTS
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("mulcon-demo").experiment_id])
+    [parent] = [run for run in runs if run.data.tags["mulcon.kind"] == "ablation"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.data.tags["variant"] for run in children) == sorted(VARIANTS)
+    assert len({run.data.tags["pipeline_run"] for run in runs}) == 1
+    assert all("test_mAP" in run.data.metrics and "model_version" in run.data.tags for run in children)
+    assert {artifact.path for artifact in client.list_artifacts(parent.info.run_id, "report")} >= {"report/ablation.md"}
+    [mulcon] = [run for run in children if run.data.tags["variant"] == "mulcon"]
+    assert mulcon.data.tags["promotion.decision"] == "promoted"  # the first model of mulcon-demo
+    for alias in ("champion", "challenger"):
+        assert client.get_model_version_by_alias("mulcon-demo", alias).run_id == mulcon.info.run_id
+    assert len(client.search_model_versions("name='mulcon-demo'")) == 5
+    return runs, children

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from components.pytorchjob import pytorchjob_manifest
-from tests.conftest import ROOT, make_bucket
+from tests.conftest import ROOT, check_pipeline_run, make_bucket
 
 # The local runner warns that the project image is not a "python" image: it runs this interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
@@ -410,8 +410,6 @@ def test_prepare_component_fetches_the_data_of_a_revision_through_dvc_from_s3(s3
 
 def test_run_local_runs_the_whole_pipeline_into_mlflow(tmp_path, postgres_mlflow_server):
     """The KFP local runner, ablation parallelism 4, against an MLflow server on PostgreSQL and S3."""
-    import mlflow
-
     uri = postgres_mlflow_server
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
     result = subprocess.run([sys.executable, "-m", "pipeline", "run-local", "--tiny", "--parallelism", "4",
@@ -424,17 +422,4 @@ def test_run_local_runs_the_whole_pipeline_into_mlflow(tmp_path, postgres_mlflow
     [root] = (tmp_path / "kfp-local").glob("mulcon-*")
     assert (root / "report" / "tables" / "ablation.csv").exists()
 
-    client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("mulcon-demo").experiment_id])
-    [parent] = [run for run in runs if run.data.tags["mulcon.kind"] == "ablation"]
-    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(run.data.tags["variant"] for run in children) == sorted(
-        ["backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain", "mulcon"])
-    assert len({run.data.tags["pipeline_run"] for run in runs}) == 1
-    assert all("test_mAP" in run.data.metrics and "model_version" in run.data.tags for run in children)
-    assert {artifact.path for artifact in client.list_artifacts(parent.info.run_id, "report")} >= {"report/ablation.md"}
-    [mulcon] = [run for run in children if run.data.tags["variant"] == "mulcon"]
-    assert mulcon.data.tags["promotion.decision"] == "promoted"  # the first model of mulcon-demo
-    for alias in ("champion", "challenger"):
-        assert client.get_model_version_by_alias("mulcon-demo", alias).run_id == mulcon.info.run_id
-    assert len(client.search_model_versions("name='mulcon-demo'")) == 5
+    check_pipeline_run(uri)
