@@ -12,7 +12,7 @@ with `kfp.local.SubprocessRunner(use_venv=False)`, in this interpreter (`python 
 | `prepare` | `prepare`: the raw data of a data version (DVC) and its manifests on the data volume, the resolved params |
 | `train` | `pretrain`, `finetune` (MulCon's two steps), `train_variant` (one ablation variant) |
 | `evaluate` | `evaluate`: test-split metrics and reports of one variant |
-| `report` | `report`: Table 3 and Tables 1-2 from the five variants |
+| `report` | `report`: Table 3 (and our sixth row) and Tables 1-2 from the six variants |
 | `promote` | `promote`: the run's model becomes challenger, and champion if better |
 | `pytorchjob` | `train_multinode`: MulCon on several nodes as a Kubeflow Training Operator PyTorchJob |
 | `entrypoint` | the check a PyTorchJob pod runs first: its required secret keys are set |

@@ -12,7 +12,7 @@ from components.shared import run_settings
 @dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_settings])
 def report(data: Input[Dataset], mulcon_reports: Input[Dataset], ablation_reports: Input[List[Dataset]],
            pipeline_run: str, tables: Output[Dataset], ablation: Output[Markdown]):
-    """`python -m mulcon report` over the evaluations of the five variants: `tables` holds
+    """`python -m mulcon report` over the evaluations of the six variants: `tables` holds
     ablation.md, ablation.csv and metrics.md (also attached to the MLflow ablation run);
     `ablation` is Table 3 for the UI."""
     import json

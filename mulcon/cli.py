@@ -1,4 +1,4 @@
-"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report,analyze,predict,promote,export} --params params.yaml [-S key=value ...]`.
+"""Command line: `python -m mulcon {make-demo,prepare,train,evaluate,report,analyze,predict,promote,export,study} --params params.yaml [-S key=value ...]`.
 
 DVC stages and Kubeflow components call these same verbs. Bad input (a mistyped key, a missing
 dataset, a corrupt annotation file) prints one line naming the file, line or key, and exits 2.
@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mulcon.config import Config, load_config
+from mulcon.config import VARIANTS, Config, load_config
 from mulcon.errors import ConfigError, MulconError, redact
 from mulcon.mlflow_client import redact_logs
 
@@ -160,6 +160,19 @@ def export(config: Config, args: argparse.Namespace) -> None:
         print(f"attached to {registered['model']} version {registered['version']}: {registered['onnx']}")
 
 
+def study(config: Config, args: argparse.Namespace) -> None:
+    from mulcon.study import run_study
+
+    variants = tuple(args.variant) if args.variant else VARIANTS
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ConfigError(f"--variant {unknown[0]}: not one of {', '.join(VARIANTS)}")
+    chosen = run_study(args.params, args.overrides, args.out, args.work, variants=variants, phase=args.phase)
+    for variant, record in chosen.items():
+        print(f"{variant}: {record['trial']} (val mAP {record['val_mAP']:.1f})")
+    print(f"tables in {args.out}")
+
+
 COMMANDS = {
     "make-demo": (make_demo, "generate the demo dataset (COCO format) under <data.root>/demo"),
     "prepare": (prepare, "read the raw dataset, check images, write manifests to <data.prepared_root>/<dataset>"),
@@ -171,6 +184,8 @@ COMMANDS = {
     "promote": (promote, "make the registered model of train.variant challenger, and champion when its val mAP "
                          "beats the champion's by --margin points"),
     "export": (export, "write the model as ONNX (images -> probabilities, dynamic batch), checked with onnxruntime"),
+    "study": (study, "the demo study: each variant's setting chosen on val (same trial budget), then tested "
+                     "over 3 seeds; resumes from the trial records in --out"),
 }
 
 
@@ -221,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="image files to check on (default: seeded noise batches of 1 and 3)")
             sub.add_argument("--register", action="store_true",
                              help="attach the file to the registered version --model names (models:/name/version)")
+        if name == "study":
+            sub.add_argument("--out", default="docs/study", help="records and tables (default: docs/study)")
+            sub.add_argument("--work", default="study", help="the trials' models and checkpoints (default: study)")
+            sub.add_argument("--variant", action="append", help="study only this variant (repeatable; default: all)")
+            sub.add_argument("--phase", choices=("select", "all"), default="all",
+                             help="select: the val trials and the choice only; all: then the 3-seed test")
         if name == "evaluate":
             sub.add_argument("--model", help="model file (default: <train.out_root>/<train.variant>/model.pt)")
             sub.add_argument("--out-dir", help="default: <evaluate.out_root>/<train.variant>")

@@ -24,10 +24,11 @@ VARIANT_NAMES = {
     "backbone_bce_scl": "Backbone with BCE + SCL",
     "mulcon_bce": "MulCon with BCE only",
     "mulcon_no_pretrain": "MulCon without pretraining",
+    "mulcon_step2_bce": "MulCon, step 2 without L_con",
     "mulcon": "MulCon",
 }
 PAPER_TABLE3_MAP = {"backbone_bce": 80.8, "backbone_bce_scl": 81.0, "mulcon_bce": 83.0,
-                    "mulcon_no_pretrain": 81.1, "mulcon": 84.0}  # COCO-2014
+                    "mulcon_no_pretrain": 81.1, "mulcon_step2_bce": None, "mulcon": 84.0}  # COCO-2014; None: not in the paper
 PAPER_TABLES = {  # (method, mAP, CF1, OF1); None where the paper prints "-"
     "coco2014": ("Table 1: COCO-2014", [
         ("CNN-RNN", 61.2, None, None), ("SRN", 77.1, 71.2, 75.8), ("s-CLs", 74.6, 69.2, 74.0),
@@ -54,10 +55,11 @@ def load_metrics(reports_root: Path, variants=VARIANTS) -> dict[str, dict[str, A
     return found
 
 
-def ablation_rows(reports_root: Path, seeds: list[int], samples: int | None = None) -> list[dict[str, Any]]:
+def ablation_rows(reports_root: Path, seeds: list[int], samples: int | None = None,
+                  variants=VARIANTS) -> list[dict[str, Any]]:
     """One row per variant: mAP, CF1 and OF1 as mean and standard deviation over `seeds`, and the
     paired mAP difference against MulCon with its 95% bootstrap interval (0 for MulCon itself)."""
-    metrics = load_seed_metrics(reports_root, VARIANTS, seeds)
+    metrics = load_seed_metrics(reports_root, variants, seeds)
     rows = []
     for variant, runs in metrics.items():
         row: dict[str, Any] = {"variant": variant, "method": VARIANT_NAMES[variant], "seeds": len(runs)}
@@ -88,7 +90,7 @@ def ablation_markdown(rows: list[dict[str, Any]], dataset: str, split: str, seed
     lines = [f"# Table 3: ablation ({dataset}, {split} split, final models, {seeds_text})", "",
              "| Method | mAP | CF1 | OF1 | mAP - MulCon [95% CI] | paper mAP (COCO-2014) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {cell(r, 'mAP')} | {cell(r, 'CF1')} | {cell(r, 'OF1')} | {difference(r)} | "
-              f"{r['paper_mAP_coco2014']:.1f} |" for r in rows]
+              f"{_number(r['paper_mAP_coco2014'])} |" for r in rows]
     lines += ["", "mAP - MulCon: the paired difference of mAP on the same test images, averaged over seeds; "
                   "the interval is a 95% percentile bootstrap over test images."]
     return "\n".join(lines) + "\n"
@@ -116,7 +118,7 @@ def ablation_headline(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]
     return {key: {row["variant"]: row[key] for row in rows} for key in ("mAP", "mAP_std", "mAP_diff")}
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def csv_text(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -139,9 +141,9 @@ def write_report(reports_root: str | Path, dataset: str, seeds: list[int] | None
     rows = ablation_rows(reports_root, seeds, samples)
     split = metrics["mulcon"].get("split", "test")
     gains = per_class_gain(reports_root, seeds)
-    files = {"ablation.md": ablation_markdown(rows, dataset, split, seeds), "ablation.csv": _csv(rows),
+    files = {"ablation.md": ablation_markdown(rows, dataset, split, seeds), "ablation.csv": csv_text(rows),
              "metrics.md": results_markdown(metrics["mulcon"], dataset),
-             "per_class_gain.csv": _csv([{"class": name, "ap_gain": round(gain, 4)} for name, gain in gains])
+             "per_class_gain.csv": csv_text([{"class": name, "ap_gain": round(gain, 4)} for name, gain in gains])
              if gains else "class,ap_gain\n",
              "ablation.json": json.dumps(ablation_headline(rows), indent=2) + "\n"}
     for name, text in files.items():

@@ -51,10 +51,16 @@ EpochCallback = Callable[[dict[str, Any]], None]
 
 
 class Objective:
-    """BCE (or ASL) + contrastive_weight * contrastive loss (Eq. 9) for one step of a plan."""
+    """BCE (or ASL) + contrastive_weight * contrastive loss (Eq. 9) for one step of a plan.
 
-    def __init__(self, config: Config, contrastive: str | None):
+    Args:
+        contrastive_weight: gamma; None takes `loss.contrastive_weight`. With 0 the contrastive term
+            is still computed and reported, but adds nothing to the gradient (`mulcon_step2_bce`).
+    """
+
+    def __init__(self, config: Config, contrastive: str | None, contrastive_weight: float | None = None):
         self.loss, self.contrastive = config.loss, contrastive
+        self.weight = config.loss.contrastive_weight if contrastive_weight is None else contrastive_weight
 
     def __call__(self, output, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.loss.classification == "asl":
@@ -72,7 +78,7 @@ class Objective:
             terms["contrastive"] = label_contrastive_loss(projections, targets, self.loss.temperature)
         elif self.contrastive == "image":
             terms["contrastive"] = image_contrastive_loss(projections, targets, self.loss.temperature)
-        terms["total"] = classification + self.loss.contrastive_weight * terms.get("contrastive", 0.0)
+        terms["total"] = classification + self.weight * terms.get("contrastive", 0.0)
         return terms
 
 
@@ -294,7 +300,7 @@ def train_stage(config: Config, plan: Plan, step: Step, model: nn.Module, out_di
     network = distributed.wrap(model, device, find_unused_parameters=step.contrastive is None)
     if config.train.compile:  # the forward only: `model` keeps its parameters and state-dict keys
         network = torch.compile(network, mode=config.train.compile_mode)
-    objective = Objective(config, step.contrastive)
+    objective = Objective(config, step.contrastive, step.contrastive_weight)
     thresholds = None  # those of the last validated epoch
     for epoch in range(start, step.epochs):
         loader.sampler.set_epoch(epoch)

@@ -1,8 +1,8 @@
 """The Kubeflow pipeline: the DAG of dvc.yaml on a cluster, with GPUs, secrets and retries.
 
 prepare -> pretrain -> finetune -> evaluate (the MulCon model, trained once, as in dvc.yaml);
-the four other Table 3 variants in a ParallelFor (train_variant -> evaluate); report (Table 3 with
-all five rows); promote (challenger, and champion when better). The multi-node pipeline
+the other variants (Table 3's four and mulcon_step2_bce) in a ParallelFor (train_variant -> evaluate); report (Table 3 with
+all six rows); promote (challenger, and champion when better). The multi-node pipeline
 (`build_pipeline(image, multinode=True)`, the same pipeline function) trains the MulCon model with a
 PyTorchJob over several nodes instead of pretrain -> finetune.
 

@@ -69,25 +69,44 @@ def test_every_command_loads_its_config_under_the_ablation_seeds(tmp_path):
     params["train"]["seeds"] = [1, 2]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
-    def value(match: re.Match) -> str:
+    def value(match: re.Match, item: str) -> str:
         key = match.group(1)
         if key.startswith("item"):
-            return {"item": "mulcon", "item.variant": "mulcon", "item.seed": "1"}[key]
+            return {"item": item, "item.variant": "mulcon", "item.seed": "1"}[key]
         found = params
         for part in key.split("."):
             found = found[part]
         return str(found)
 
     checked = 0
-    for stage in _stages().values():
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for name, stage in _stages().items():
+        item = "1" if raw[name].get("foreach") == "${train.seeds}" else "mulcon"  # seeds_mulcon: one a seed
         for command in _commands(stage):
-            words = shlex.split(re.sub(r"\$\{([^}]+)\}", value, command))
+            words = shlex.split(re.sub(r"\$\{([^}]+)\}", lambda match: value(match, item), command))
             if words[:3] != ["python", "-m", "mulcon"] or "-S" not in words:
                 continue
             overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
             load_config(tmp_path / "params.yaml", overrides)  # raises ConfigError on a clash
             checked += 1
     assert checked >= 4
+
+
+def test_the_variant_list_is_written_once_and_is_the_librarys():
+    """dvc.yaml names the variants trained beside the MulCon model once (`vars`), for the ablation
+    and the seeds stages; they and the report's inputs are mulcon.config.VARIANTS."""
+    from mulcon.config import VARIANTS
+
+    text = (ROOT / "dvc.yaml").read_text(encoding="utf-8")
+    pipeline = yaml.safe_load(text)
+    [listed] = [entry["ablation_variants"] for entry in pipeline["vars"] if "ablation_variants" in entry]
+    assert listed == [variant for variant in VARIANTS if variant != "mulcon"]
+    stages = pipeline["stages"]
+    assert stages["ablation"]["foreach"] == "${ablation_variants}"
+    assert stages["seeds"]["matrix"]["variant"] == "${ablation_variants}"
+    reported = [dep.split("/", 1)[1] for dep in stages["report"]["deps"] if dep.startswith("${evaluate.out_root}/")]
+    assert sorted(reported) == sorted(VARIANTS)
+    assert text.count("mulcon_no_pretrain") == 2  # the list and the report's input, nowhere else
 
 
 # ---- params: the config keys each stage's code reads, from the source (ast), in both directions ----

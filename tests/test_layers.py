@@ -14,6 +14,7 @@ LAYERS = [
     {"mulcon.model", "mulcon.backbones", "mulcon.losses", "mulcon.metrics", "mulcon.optim", "mulcon.variants"},
     {"mulcon.inference"},
     {"mulcon.train", "mulcon.evaluate", "mulcon.analysis", "mulcon.report", "mulcon.spread"},
+    {"mulcon.study"},
     {"mulcon.mlflow_client"},
     {"mulcon.serving", "mulcon.tracking", "mulcon.registry", "mulcon.export"},
     {"mulcon.cli", "mulcon.launch", "mulcon.__main__"},

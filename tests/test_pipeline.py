@@ -1,5 +1,5 @@
 """The real `dvc repro` on a temporary copy of the repository, shrunk: every stage runs, the
-ablation lands in MLflow as one parent run with five nested runs, `dvc status` is clean after,
+ablation lands in MLflow as one parent run with a nested run per variant, `dvc status` is clean after,
 and a repro killed mid-training resumes from its checkpoint without redoing finished stages."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path, postgres_mlflow_serve
     dvc(repo, environment, "repro")
     table = (repo / "reports" / "ablation.md").read_text()
     for method in ("Backbone with BCE |", "Backbone with BCE + SCL", "MulCon with BCE only", "MulCon without pretraining",
-                   "| MulCon |"):
+                   "MulCon, step 2 without L_con", "| MulCon |"):
         assert method in table
     results = (repo / "reports" / "metrics.md").read_text()
     assert "## Table 1: COCO-2014" in results and "## This run: demo" in results and "| MulCon (ours) |" in results
@@ -78,10 +78,10 @@ def test_dvc_repro_runs_the_pipeline_into_mlflow(tmp_path, postgres_mlflow_serve
     parent = parents[0]
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(run.data.tags["variant"] for run in children) == sorted(
-        ["backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain", "mulcon"])
+        ["backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain", "mulcon_step2_bce", "mulcon"])
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/ablation.md"}
     versions = client.search_model_versions("name='mulcon-demo'")
-    assert len(versions) == 5
+    assert len(versions) == 6
     for run in children:
         assert run.data.params["train.variant"] == run.data.tags["variant"]
         assert run.data.params["model.embed_dim"] == "32"

@@ -31,7 +31,7 @@ def test_each_variant_trains_two_epochs_and_evaluates(variant, tiny_params, tmp_
     assert final == tmp_path / "runs" / variant / "model.pt" and final.exists()
     assert sum(1 for r in records) == 2  # the same budget for every variant: 1 + 1 epochs
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in records)
-    contrastive = variant in ("backbone_bce_scl", "mulcon_no_pretrain", "mulcon")
+    contrastive = variant in ("backbone_bce_scl", "mulcon_no_pretrain", "mulcon_step2_bce", "mulcon")
     assert any("contrastive" in r for r in records) == contrastive
     assert all("val_mAP" in r for r in records)
     saved = checkpoint.load(final)
@@ -41,6 +41,24 @@ def test_each_variant_trains_two_epochs_and_evaluates(variant, tiny_params, tmp_
     assert metrics["mAP"] == pytest.approx(expected, abs=1e-3) and metrics["num_images"] == 12
     assert (tmp_path / "reports" / "per_class_ap.csv").read_text().startswith("class,positives,ap\n")
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["mAP"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_step2_without_l_con_takes_mulcons_path_with_the_contrastive_term_out_of_the_gradient(tiny_params, tmp_path):
+    """mulcon_step2_bce: MulCon's pretrain to the bit, then the same two-view step 2 whose loss is BCE
+    alone (L_con computed and reported, weight 0); so only L_con's gradient separates it from mulcon."""
+    histories, models = {}, {}
+    for variant in ("mulcon", "mulcon_step2_bce"):
+        config = load_config(tiny_params, [f"train.variant={variant}", "loss.contrastive_weight=0.5"])
+        histories[variant] = []
+        models[variant] = run_training(config, callback=histories[variant].append)
+    pretrained = {variant: checkpoint.load(tmp_path / "runs" / variant / "pretrain" / "model.pt")["model"]
+                  for variant in models}
+    assert all(torch.equal(pretrained["mulcon"][name], pretrained["mulcon_step2_bce"][name]) for name in pretrained["mulcon"])
+    [with_l_con], [without] = ([r for r in histories[v] if r["stage"] == "finetune"] for v in models)
+    assert with_l_con["total"] == pytest.approx(with_l_con["classification"] + 0.5 * with_l_con["contrastive"], rel=1e-5)
+    assert without["contrastive"] > 0 and without["total"] == pytest.approx(without["classification"], rel=1e-6)
+    final = {variant: checkpoint.load(path)["model"] for variant, path in models.items()}
+    assert any(not torch.equal(final["mulcon"][name], final["mulcon_step2_bce"][name]) for name in final["mulcon"])
 
 
 def _train_command(params, out_dir, *extra):

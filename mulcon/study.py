@@ -1,0 +1,200 @@
+"""The demo study: every variant's setting chosen on the validation split under one tuning budget,
+then the chosen settings measured on test over three seeds (`python -m mulcon study`, `make study`).
+
+Design: one factor at a time from the demo recipe of params.yaml (the full grid of the factors
+below is 2 x 2 x 2 x 3 x 3 x 2 = 144 runs a variant, about 40 hours of the 2-core machine).
+Each variant gets the same number of trials, one seed (train.seed) each:
+- every variant: the epoch budget x2 and x3 (the same 5:3 split: 10 + 6, 15 + 9), the learning
+  rate of its last step x0.3 and x3, and that step's backbone_lr_scale 0.1 (step 2's `finetune.lr`
+  and `finetune.backbone_lr_scale`; `pretrain.*` for the one-step BCE variants, whose only step it is);
+- MulCon's variants: the authors' attention block (their LayerNorm and full softmax scale with it),
+  the full softmax scale alone, LayerNorm alone;
+- the Backbone variants, which have no attention block, the same number of trials on their
+  learning rates instead: x0.1, x10 and backbone_lr_scale 0.3.
+
+A trial is kept in `<out>/trials/<variant>/<trial>.json` with the config, code, libraries and data it
+was made under (`mulcon.train.provenance`); a later run reuses it only when all four still match, so
+the study resumes where it stopped, also on another machine that has the committed records.
+The choice reads the trials' validation mAP alone (the model each trial saved); no test image is
+read until every choice is made. The chosen settings then train under each seed of `seeds` and are
+evaluated on test: `<out>/test.md` is Table 3 with mean ± std and paired intervals (`mulcon.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mulcon import checkpoint
+from mulcon.config import VARIANTS, Config, load_config, to_dict
+from mulcon.evaluate import evaluate_model
+from mulcon.io import write_json, write_text
+from mulcon.report import VARIANT_NAMES, ablation_markdown, ablation_rows, csv_text
+from mulcon.spread import seed_dir
+from mulcon.train import provenance, run_training, stale_reason
+from mulcon.variants import plan_variant
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_VARIANTS = ("backbone_bce", "backbone_bce_scl")
+TEST_SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str
+    overrides: tuple[str, ...]
+
+
+def design(variant: str, base: Config) -> list[Trial]:
+    """The trials of `variant`, the demo recipe (`base`) first; every variant gets as many."""
+    step = plan_variant(dataclasses.replace(base.train, variant=variant)).steps[-1].stage
+    lr = getattr(base, step).lr
+    pre, fine = base.train.pretrain_epochs, base.train.finetune_epochs
+
+    def epochs(factor: int) -> Trial:
+        return Trial(f"epochs x{factor}", (f"train.pretrain_epochs={pre * factor}", f"train.finetune_epochs={fine * factor}"))
+
+    def rate(factor: float) -> Trial:
+        return Trial(f"{step}.lr x{factor:g}", (f"{step}.lr={lr * factor:.6g}",))
+
+    def backbone_scale(scale: float) -> Trial:
+        return Trial(f"{step}.backbone_lr_scale {scale:g}", (f"{step}.backbone_lr_scale={scale:g}",))
+
+    trials = [Trial("recipe", ()), epochs(2), epochs(3), rate(0.3), rate(3), backbone_scale(0.1)]
+    if variant in BACKBONE_VARIANTS:
+        return trials + [rate(0.1), rate(10), backbone_scale(0.3)]
+    return trials + [Trial("authors' block", ("model.attention_block=authors", "model.layer_norm=true",
+                                               "model.attention_scale=full")),
+                     Trial("attention_scale full", ("model.attention_scale=full",)),
+                     Trial("layer_norm", ("model.layer_norm=true",))]
+
+
+def _slug(name: str) -> str:
+    return "".join(character if character.isalnum() or character in "._-" else "_" for character in name).strip("_")
+
+
+class Study:
+    """Runs and records the trials of `params` under `out` (records, tables) and `work` (models)."""
+
+    def __init__(self, params: str | Path, overrides: list[str], out: str | Path, work: str | Path):
+        self.params, self.overrides, self.out, self.work = Path(params), list(overrides), Path(out), Path(work)
+        self.base = load_config(self.params, self.overrides)
+
+    def config(self, variant: str, trial: Trial, seed: int | None = None) -> Config:
+        seed = self.base.train.seed if seed is None else seed
+        return load_config(self.params, [*self.overrides, f"train.variant={variant}", *trial.overrides,
+                                         f"train.seed={seed}", "train.seeds=[]", "evaluate.split=test"])
+
+    def run_dir(self, variant: str, trial: Trial, seed: int) -> Path:
+        return self.work / "runs" / variant / _slug(trial.name) / f"seed{seed}"
+
+    def record_path(self, variant: str, trial: Trial) -> Path:
+        return self.out / "trials" / variant / f"{_slug(trial.name)}.json"
+
+    def _train(self, config: Config, variant: str, trial: Trial, seed: int) -> Path:
+        folder = self.run_dir(variant, trial, seed)
+        return run_training(config, out_dir=folder, checkpoint_dir=self.work / "checkpoints" / folder.relative_to(self.work / "runs"),
+                            resume=True)
+
+    def trial(self, variant: str, trial: Trial) -> dict[str, Any]:
+        """The trial's record: reused when made under this config, code, libraries and data, else trained."""
+        config, path = self.config(variant, trial), self.record_path(variant, trial)
+        made_from = provenance(config)
+        if path.exists():
+            record = json.loads(path.read_text())
+            reason = stale_reason(record, config, "finetune", made_from)
+            if reason is None:
+                return record
+            logger.info("%s was made %s: trial %s/%s runs again", path, reason, variant, trial.name)
+        started = time.perf_counter()
+        saved = checkpoint.load(self._train(config, variant, trial, config.train.seed))
+        history = [{key: value for key, value in entry.items() if key.startswith("val_") or key in ("stage", "epoch")}
+                   for stage in plan_variant(config.train).steps
+                   for entry in json.loads((self.run_dir(variant, trial, config.train.seed) / stage.stage / "history.json").read_text())]
+        record = {"variant": variant, "trial": trial.name, "overrides": list(trial.overrides),
+                  "val_mAP": saved["val"]["val_mAP"], "val_CF1": saved["val"].get("val_CF1"),
+                  "val_OF1": saved["val"].get("val_OF1"), "val_history": history,
+                  "minutes": round((time.perf_counter() - started) / 60, 2),
+                  "config": to_dict(config), **made_from}
+        write_json(path, record)
+        logger.info("study: %s / %s: val mAP %.2f", variant, trial.name, record["val_mAP"])
+        return record
+
+    def select(self, variants=VARIANTS) -> dict[str, dict[str, Any]]:
+        """Run (or reuse) every trial of `variants`, write the val grid and the choice; returns
+        {variant: chosen record}. Reads the validation split only."""
+        records = {variant: [self.trial(variant, trial) for trial in design(variant, self.base)] for variant in variants}
+        chosen = choose(records)
+        write_text(self.out / "val_grid.md", val_grid_markdown(records, chosen))
+        write_text(self.out / "val_grid.csv", val_grid_csv(records))
+        write_json(self.out / "chosen.json", {variant: {key: record[key] for key in ("trial", "overrides", "val_mAP")}
+                                              for variant, record in chosen.items()})
+        return chosen
+
+    def test(self, chosen: dict[str, dict[str, Any]], seeds=TEST_SEEDS) -> Path:
+        """Train each chosen setting under `seeds`, evaluate on test, write test.md and test.csv."""
+        reports = self.work / "reports"
+        for variant, record in chosen.items():
+            trial = Trial(record["trial"], tuple(record["overrides"]))
+            for seed in seeds:
+                config = self.config(variant, trial, seed)
+                model = self._train(config, variant, trial, seed)
+                evaluate_model(config, model, seed_dir(reports, variant, seed, seeds[0]))
+        rows = ablation_rows(reports, list(seeds), variants=tuple(chosen))
+        for row in rows:
+            row["setting"] = chosen[row["variant"]]["trial"]
+        table = ablation_markdown(rows, self.base.data.dataset, "test", list(seeds))
+        settings = "\n".join(f"- {VARIANT_NAMES[variant]}: {record['trial']} ({', '.join(record['overrides']) or 'params.yaml'}), "
+                             f"val mAP {record['val_mAP']:.1f}" for variant, record in chosen.items())
+        write_text(self.out / "test.md", f"{table}\nSettings (chosen on val, seed {self.base.train.seed}):\n{settings}\n")
+        write_text(self.out / "test.csv", csv_text(rows))
+        return self.out / "test.md"
+
+
+def choose(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each variant's trial of the highest validation mAP (the first listed on a tie: the recipe first).
+    Reads `val_mAP` alone: a trial record holds no test metric."""
+    return {variant: max(trials, key=lambda record: (record["val_mAP"], -trials.index(record)))
+            for variant, trials in records.items()}
+
+
+def val_grid_markdown(records: dict[str, list[dict[str, Any]]], chosen: dict[str, dict[str, Any]]) -> str:
+    """One row per trial and variant: val mAP, val CF1/OF1, minutes; the chosen trial in bold."""
+    lines = ["# The study's validation grid", "",
+             "One seed a trial; the chosen trial of each variant (highest val mAP) in bold.", ""]
+    for variant, trials in records.items():
+        lines += [f"## {VARIANT_NAMES[variant]} (`{variant}`)", "", "| trial | overrides | val mAP | val CF1 | val OF1 | minutes |",
+                  "|---|---|---|---|---|---|"]
+        for record in trials:
+            mark = "**" if record is chosen[variant] else ""
+            lines.append(f"| {mark}{record['trial']}{mark} | {' '.join(record['overrides']) or '-'} | "
+                         f"{mark}{record['val_mAP']:.1f}{mark} | {record['val_CF1'] or 0:.1f} | {record['val_OF1'] or 0:.1f} | "
+                         f"{record['minutes']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def val_grid_csv(records: dict[str, list[dict[str, Any]]]) -> str:
+    return csv_text([{"variant": variant, "trial": record["trial"], "overrides": " ".join(record["overrides"]),
+                  "val_mAP": record["val_mAP"], "val_CF1": record["val_CF1"], "val_OF1": record["val_OF1"],
+                  "minutes": record["minutes"]} for variant, trials in records.items() for record in trials])
+
+
+def run_study(params: str | Path, overrides: list[str], out: str | Path, work: str | Path, *,
+              variants=VARIANTS, seeds=TEST_SEEDS, phase: str = "all") -> dict[str, dict[str, Any]]:
+    """Select (every trial, on val), then test (the chosen settings under `seeds`), or one phase.
+
+    Returns:
+        {variant: chosen trial record}.
+    """
+    study = Study(params, overrides, out, work)
+    chosen = study.select(variants)
+    if phase == "all":
+        study.test(chosen, seeds)
+    return chosen

@@ -1,0 +1,80 @@
+"""The demo study (`python -m mulcon study`), shrunk: every variant gets the same trial budget, the
+choice reads validation metrics alone (no test image exists while it is made), a rerun reuses every
+trial made under the same config, code and data, and the chosen settings are tested over seeds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import mulcon.study
+from mulcon.config import VARIANTS, load_config
+from mulcon.study import Study, Trial, choose, design, run_study
+from tests.conftest import ROOT
+
+
+def test_every_variant_gets_the_same_number_of_trials_and_the_backbones_their_learning_rates():
+    base = load_config(ROOT / "params.yaml", [])
+    trials = {variant: design(variant, base) for variant in VARIANTS}
+    assert len({len(found) for found in trials.values()}) == 1
+    assert all(found[0] == Trial("recipe", ()) for found in trials.values())
+    overrides = {variant: {item for trial in found for item in trial.overrides} for variant, found in trials.items()}
+    assert "pretrain.lr=0.003" in overrides["backbone_bce"] and "pretrain.lr=0.01" in overrides["backbone_bce"]
+    assert "finetune.lr=0.003" in overrides["mulcon"] and "model.attention_block=authors" in overrides["mulcon"]
+    assert not any(item.startswith("model.") for item in overrides["backbone_bce_scl"])  # no attention block
+    assert {"train.pretrain_epochs=15", "train.finetune_epochs=9"} <= overrides["mulcon_step2_bce"]  # 24 epochs, 5:3
+
+
+def test_the_choice_is_the_best_validation_map_the_recipe_first_on_a_tie():
+    records = {"mulcon": [{"trial": "recipe", "val_mAP": 70.0}, {"trial": "a", "val_mAP": 72.5},
+                          {"trial": "b", "val_mAP": 72.5}],
+               "backbone_bce": [{"trial": "recipe", "val_mAP": 80.0}, {"trial": "a", "val_mAP": 80.0}]}
+    chosen = choose(records)
+    assert chosen["mulcon"]["trial"] == "a" and chosen["backbone_bce"]["trial"] == "recipe"
+
+
+def test_the_study_chooses_on_val_without_a_test_split_reuses_its_trials_and_tests_the_choice(
+        tiny_params, tiny_data, tmp_path, monkeypatch):
+    # Two variants and three of their trials keep the test quick; the code path is the whole study's.
+    monkeypatch.setattr(mulcon.study, "design", lambda variant, base: design(variant, base)[:2] + design(variant, base)[3:4])
+    variants = ("backbone_bce", "mulcon")
+    prepared = tiny_data / "prepared" / "demo"
+    hidden = tmp_path / "hidden-test.csv"
+    shutil.move(prepared / "test.csv", hidden)  # selection must not need (or read) a test image
+    try:
+        chosen = run_study(tiny_params, [], tmp_path / "out", tmp_path / "work", variants=variants, phase="select")
+    finally:
+        shutil.move(hidden, prepared / "test.csv")
+    records = {variant: [json.loads(path.read_text()) for path in sorted((tmp_path / "out" / "trials" / variant).glob("*.json"))]
+               for variant in variants}
+    assert all(len(found) == 3 for found in records.values())
+    for variant, found in records.items():
+        assert chosen[variant]["val_mAP"] == max(record["val_mAP"] for record in found)
+        assert not any(key.startswith("test") for record in found for key in record)
+        for record in found:  # the recorded number is the saved model's val mAP
+            assert record["val_mAP"] == pytest.approx(record["val_history"][-1]["val_mAP"])
+    assert json.loads((tmp_path / "out" / "chosen.json").read_text())["mulcon"]["trial"] == chosen["mulcon"]["trial"]
+    grid = (tmp_path / "out" / "val_grid.md").read_text()
+    assert f"**{chosen['mulcon']['trial']}**" in grid and "epochs x2" in grid
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded trial was trained again")
+    with monkeypatch.context() as patched:
+        patched.setattr(mulcon.study, "run_training", no_training)
+        shutil.rmtree(tmp_path / "work")  # the records alone suffice (a fresh clone has only them)
+        assert run_study(tiny_params, [], tmp_path / "out", tmp_path / "work", variants=variants, phase="select") == chosen
+    # Another config makes the records stale: trained again.
+    study = Study(tiny_params, ["loss.temperature=0.5"], tmp_path / "out", tmp_path / "work")
+    [again] = [study.trial("backbone_bce", design("backbone_bce", study.base)[0])]
+    assert again["config"]["loss"]["temperature"] == 0.5
+
+    Study(tiny_params, [], tmp_path / "out", tmp_path / "work").test(chosen, seeds=(0, 1))
+    table = (tmp_path / "out" / "test.md").read_text()
+    assert "seeds 0, 1: mean ± std" in table and "| MulCon |" in table and "Backbone with BCE" in table
+    assert chosen["backbone_bce"]["trial"] in table
+    for variant in variants:
+        for folder in ("", "seed1"):
+            metrics = json.loads((tmp_path / "work" / "reports" / variant / folder / "metrics.json").read_text())
+            assert metrics["split"] == "test" and metrics["num_images"] == 12
