@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 IMAGE ?= mulcon:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup demo ablation test bench mlflow-ui clean-demo repro image base-image
+.PHONY: setup demo ablation study test bench mlflow-ui clean-demo repro image base-image
 
 setup: $(STAMP)
 
@@ -37,6 +37,15 @@ ablation: $(STAMP)
 	dvc add --quiet data
 	dvc exp run -S 'train.seeds=[1,2]'
 	@cat reports/ablation.md
+
+# make study: the demo study (python -m mulcon study; README "What the demo can and cannot tell"): every
+# variant's trials on val, the choice, then the chosen settings over 3 seeds on test, into docs/study/.
+# It resumes: a trial recorded in docs/study/trials under the same config, code and data is not rerun.
+study: $(STAMP)
+	test -d data/demo || python -m mulcon make-demo
+	dvc add --quiet data
+	dvc repro prepare
+	python -m mulcon study
 
 # make test: two pytest workers (README: the measured times against one worker)
 test: $(STAMP)

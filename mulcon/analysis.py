@@ -4,7 +4,9 @@
 - retrieval by Euclidean distance between label-level embeddings, for one (image, label) query
   (Figure 4) and for several labels with concatenated embeddings (Figure 5), and a number the paper
   does not give: label-conditioned precision@k over the whole split;
-- attention maps of each active label, and of each head of one label (Figure 6).
+- attention maps of each active label, and of each head of one label (Figure 6);
+- where a label's attention falls against where its objects are (`attention_on_objects`, for data
+  with boxes such as the demo's), and a figure of one class's maps over several images.
 """
 
 from __future__ import annotations
@@ -178,6 +180,75 @@ def attention_figure(path: Path, network: nn.Module, dataset: ManifestDataset, i
             axes[row, column].imshow(picture)
             axes[row, column].imshow(heat, cmap="jet", alpha=0.5)
             axes[row, column].set_title(title, fontsize=8)
+    for axis in axes.flat:
+        axis.set(xticks=[], yticks=[])
+        if not axis.images:
+            axis.set_visible(False)
+    _save(figure, path)
+
+
+@torch.no_grad()
+def label_attention_maps(network: nn.Module, dataset: ManifestDataset, device: torch.device,
+                         batch_size: int = 64) -> np.ndarray:
+    """(N, L, side, side) float32: each image's attention of each label over the image tokens,
+    the mean over heads (each map sums to 1)."""
+    if not hasattr(network, "label_attention"):
+        raise CheckpointError("attention maps need a MulCon model (the Baseline has no label attention)")
+    maps = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="attention", leave=False, disable=None):
+        images = torch.stack([dataset[index][0] for index in range(start, min(start + batch_size, len(dataset)))])
+        attention = network(images.to(device), need_attention=True).attention.float().mean(1)  # (B, L, N)
+        side = int(round(attention.shape[-1] ** 0.5))
+        maps.append(attention.reshape(*attention.shape[:2], side, side).cpu().numpy())
+    return np.concatenate(maps)
+
+
+def attention_on_objects(maps: np.ndarray, boxes: list[list[tuple[int, tuple[float, float, float, float]]]],
+                         num_labels: int) -> list[dict[str, float]]:
+    """Per label: the share of its attention that falls on the tokens its objects cover, against the
+    share those tokens are of the map (what a uniform map would put there), over the images where
+    the label is present.
+
+    Args:
+        maps: (N, L, S, S) from `label_attention_maps`.
+        boxes: per image, (label, (x0, y0, x1, y1) as fractions of the image side) of each object.
+
+    Returns:
+        One dict per label: `on_object` and `uniform` (means over its images, 0-1) and `images`;
+        NaN for a label with no object.
+    """
+    side = maps.shape[-1]
+    edges = np.arange(side + 1) / side
+    found: list[list[tuple[float, float]]] = [[] for _ in range(num_labels)]
+    for index, objects in enumerate(boxes):
+        cover: dict[int, np.ndarray] = {}
+        for label, (x0, y0, x1, y1) in objects:  # the tokens a box overlaps; several boxes of a label add up
+            rows = (edges[1:] > y0) & (edges[:-1] < y1)
+            columns = (edges[1:] > x0) & (edges[:-1] < x1)
+            cover[label] = cover.get(label, np.zeros((side, side), bool)) | np.outer(rows, columns)
+        for label, cells in cover.items():
+            found[label].append((float(maps[index, label][cells].sum()), float(cells.mean())))
+    return [{"on_object": float(np.mean([m for m, _ in pairs])) if pairs else float("nan"),
+             "uniform": float(np.mean([u for _, u in pairs])) if pairs else float("nan"), "images": len(pairs)}
+            for pairs in found]
+
+
+def class_attention_figure(path: Path, maps: np.ndarray, dataset: ManifestDataset, labels: list[int],
+                           classes: list[str], images_per_label: int = 5) -> None:
+    """One row per label of `labels`: its first `images_per_label` images that contain it, each with
+    that label's map (mean over heads) over the image."""
+    pyplot = _pyplot()
+    figure, axes = pyplot.subplots(len(labels), images_per_label, figsize=(2.0 * images_per_label, 2.1 * len(labels)),
+                                   squeeze=False)
+    for row, label in enumerate(labels):
+        holding = [int(i) for i in np.flatnonzero(dataset.targets[:, label] > 0.5)][:images_per_label]
+        for column, index in enumerate(holding):
+            picture = _thumbnail(dataset, index, 96)
+            heat = torch.nn.functional.interpolate(torch.from_numpy(maps[index, label])[None, None], size=(96, 96),
+                                                   mode="bilinear")[0, 0].numpy()
+            axes[row, column].imshow(picture)
+            axes[row, column].imshow(heat, cmap="jet", alpha=0.5)
+            axes[row, column].set_title(f"{classes[label]} (image {index})", fontsize=7)
     for axis in axes.flat:
         axis.set(xticks=[], yticks=[])
         if not axis.images:

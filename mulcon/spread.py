@@ -107,20 +107,23 @@ def paired_difference(reports_root: Path, variant: str, seeds: list[int], *, sam
     return float(differences[0]), float(low), float(high)
 
 
+def mean_class_ap(reports_root: Path, variant: str, seeds: list[int]) -> dict[str, float]:
+    """{class: AP of `variant` averaged over `seeds`}, from each seed's per_class_ap.csv; classes
+    without a positive test image (an empty AP) are left out."""
+    totals: dict[str, list[float]] = {}
+    for k in seeds:
+        with open(_read(seed_dir(reports_root, variant, k, seeds[0]) / "per_class_ap.csv"), newline="") as file:
+            for row in csv.DictReader(file):
+                if row["ap"] != "":
+                    totals.setdefault(row["class"], []).append(float(row["ap"]))
+    return {name: float(np.mean(values)) for name, values in totals.items() if len(values) == len(seeds)}
+
+
 def per_class_gain(reports_root: Path, seeds: list[int], minuend: str = REFERENCE,
                    subtrahend: str = "backbone_bce") -> list[tuple[str, float]]:
     """(class, AP of `minuend` minus AP of `subtrahend`), each averaged over seeds, largest first;
     classes without a positive test image are left out."""
-    def mean_ap(variant: str) -> dict[str, float]:
-        totals: dict[str, list[float]] = {}
-        for k in seeds:
-            with open(_read(seed_dir(reports_root, variant, k, seeds[0]) / "per_class_ap.csv"), newline="") as file:
-                for row in csv.DictReader(file):
-                    if row["ap"] != "":
-                        totals.setdefault(row["class"], []).append(float(row["ap"]))
-        return {name: float(np.mean(values)) for name, values in totals.items() if len(values) == len(seeds)}
-
-    first, second = mean_ap(minuend), mean_ap(subtrahend)
+    first, second = mean_class_ap(reports_root, minuend, seeds), mean_class_ap(reports_root, subtrahend, seeds)
     return sorted(((name, first[name] - second[name]) for name in first if name in second),
                   key=lambda item: item[1], reverse=True)
 

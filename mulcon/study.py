@@ -4,8 +4,8 @@ then the chosen settings measured on test over three seeds (`python -m mulcon st
 Design: one factor at a time from the demo recipe of params.yaml (the full grid of the factors
 below is 2 x 2 x 2 x 3 x 3 x 2 = 144 runs a variant, about 40 hours of the 2-core machine).
 Each variant gets the same number of trials, one seed (train.seed) each:
-- every variant: the epoch budget x2 and x3 (the same 5:3 split: 10 + 6, 15 + 9), the learning
-  rate of its last step x0.3 and x3, and that step's backbone_lr_scale 0.1 (step 2's `finetune.lr`
+- every variant: the learning rate of its last step x0.3 and x3, that step's backbone_lr_scale
+  0.1, and the epoch budget x2 and x3 (the same 5:3 split: 10 + 6, 15 + 9) (step 2's `finetune.lr`
   and `finetune.backbone_lr_scale`; `pretrain.*` for the one-step BCE variants, whose only step it is);
 - MulCon's variants: the authors' attention block (their LayerNorm and full softmax scale with it),
   the full softmax scale alone, LayerNorm alone;
@@ -31,11 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from mulcon import checkpoint
+from mulcon.analysis import attention_on_objects, class_attention_figure, label_attention_maps
+from mulcon.data.dataset import ManifestDataset
+from mulcon.data.transforms import eval_transform
+from mulcon.inference import load_model
+from mulcon.runtime import resolve_device
 from mulcon.config import VARIANTS, Config, load_config, to_dict
 from mulcon.evaluate import evaluate_model
 from mulcon.io import write_json, write_text
 from mulcon.report import VARIANT_NAMES, ablation_markdown, ablation_rows, csv_text
-from mulcon.spread import seed_dir
+from mulcon.spread import mean_class_ap, seed_dir
 from mulcon.train import provenance, run_training, stale_reason
 from mulcon.variants import plan_variant
 
@@ -66,13 +71,15 @@ def design(variant: str, base: Config) -> list[Trial]:
     def backbone_scale(scale: float) -> Trial:
         return Trial(f"{step}.backbone_lr_scale {scale:g}", (f"{step}.backbone_lr_scale={scale:g}",))
 
-    trials = [Trial("recipe", ()), epochs(2), epochs(3), rate(0.3), rate(3), backbone_scale(0.1)]
+    trials = [Trial("recipe", ()), rate(0.3), rate(3), backbone_scale(0.1)]
     if variant in BACKBONE_VARIANTS:
-        return trials + [rate(0.1), rate(10), backbone_scale(0.3)]
-    return trials + [Trial("authors' block", ("model.attention_block=authors", "model.layer_norm=true",
-                                               "model.attention_scale=full")),
-                     Trial("attention_scale full", ("model.attention_scale=full",)),
-                     Trial("layer_norm", ("model.layer_norm=true",))]
+        trials += [rate(0.1), rate(10), backbone_scale(0.3)]
+    else:
+        trials += [Trial("authors' block", ("model.attention_block=authors", "model.layer_norm=true",
+                                             "model.attention_scale=full")),
+                   Trial("attention_scale full", ("model.attention_scale=full",)),
+                   Trial("layer_norm", ("model.layer_norm=true",))]
+    return trials + [epochs(2), epochs(3)]  # the costly ones last
 
 
 def _slug(name: str) -> str:
@@ -129,7 +136,11 @@ class Study:
     def select(self, variants=VARIANTS) -> dict[str, dict[str, Any]]:
         """Run (or reuse) every trial of `variants`, write the val grid and the choice; returns
         {variant: chosen record}. Reads the validation split only."""
-        records = {variant: [self.trial(variant, trial) for trial in design(variant, self.base)] for variant in variants}
+        designs = {variant: design(variant, self.base) for variant in variants}
+        records: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
+        for position in range(max(map(len, designs.values()))):  # trial by trial across variants: a
+            for variant in variants:                               # stopped study has a comparable grid
+                records[variant].append(self.trial(variant, designs[variant][position]))
         chosen = choose(records)
         write_text(self.out / "val_grid.md", val_grid_markdown(records, chosen))
         write_text(self.out / "val_grid.csv", val_grid_csv(records))
@@ -154,7 +165,48 @@ class Study:
                              f"val mAP {record['val_mAP']:.1f}" for variant, record in chosen.items())
         write_text(self.out / "test.md", f"{table}\nSettings (chosen on val, seed {self.base.train.seed}):\n{settings}\n")
         write_text(self.out / "test.csv", csv_text(rows))
+        if {"mulcon", "backbone_bce"} <= set(chosen):
+            self.per_class(chosen["mulcon"], seeds)
         return self.out / "test.md"
+
+    def per_class(self, record: dict[str, Any], seeds, worst: int = 3) -> None:
+        """per_class.csv: each class's test AP of the chosen MulCon and Backbone with BCE (means over
+        `seeds`), and how much of MulCon's attention (seed `seeds[0]`) falls on the class's objects;
+        attention_worst.png: the maps of the `worst` classes of MulCon against the Backbone."""
+        trial = Trial(record["trial"], tuple(record["overrides"]))
+        config = self.config("mulcon", trial, seeds[0])
+        dataset = ManifestDataset(config.data.prepared_dir, "test", eval_transform(config.data.image_size),
+                                  image_size=config.data.cache_size)
+        network = load_model(self.run_dir("mulcon", trial, seeds[0]) / "model.pt", resolve_device(config.train.device))[0]
+        maps = label_attention_maps(network, dataset, resolve_device(config.train.device))
+        where = attention_on_objects(maps, object_boxes(config, dataset), len(dataset.classes))
+        reports = self.work / "reports"
+        aps = {variant: mean_class_ap(reports, variant, list(seeds)) for variant in ("mulcon", "backbone_bce")}
+        rows = [{"class": name, "ap_mulcon": round(aps["mulcon"][name], 2), "ap_backbone_bce": round(aps["backbone_bce"][name], 2),
+                 "gain": round(aps["mulcon"][name] - aps["backbone_bce"][name], 2),
+                 "attention_on_object": round(where[index]["on_object"], 3), "uniform_on_object": round(where[index]["uniform"], 3),
+                 "images": where[index]["images"]} for index, name in enumerate(dataset.classes)
+                if name in aps["mulcon"] and name in aps["backbone_bce"]]
+        rows.sort(key=lambda row: row["gain"])
+        write_text(self.out / "per_class.csv", csv_text(rows))
+        labels = [dataset.classes.index(row["class"]) for row in rows[:worst]]
+        class_attention_figure(self.out / "attention_worst.png", maps, dataset, labels, dataset.classes)
+
+
+def object_boxes(config: Config, dataset) -> list[list[tuple[int, tuple[float, float, float, float]]]]:
+    """Per image of `dataset` (a test split in COCO format: the demo's, or COCO-2014's val2014), each
+    object's (label, box as fractions of the image side), read from the raw annotation file."""
+    annotations = json.loads((config.data.raw_dir / "annotations" / "instances_val2014.json").read_text())
+    names = {category["id"]: category["name"] for category in annotations["categories"]}
+    images = {image["id"]: image for image in annotations["images"]}
+    label = {name: index for index, name in enumerate(dataset.classes)}
+    by_file: dict[str, list] = {}
+    for item in annotations["annotations"]:
+        image = images[item["image_id"]]
+        x, y, width, height = item["bbox"]
+        box = (x / image["width"], y / image["height"], (x + width) / image["width"], (y + height) / image["height"])
+        by_file.setdefault(image["file_name"], []).append((label[names[item["category_id"]]], box))
+    return [by_file.get(Path(path).name, []) for path in dataset.paths]
 
 
 def choose(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:

@@ -4,12 +4,15 @@ trial made under the same config, code and data, and the chosen settings are tes
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import mulcon.study
+from mulcon.analysis import attention_on_objects
 from mulcon.config import VARIANTS, load_config
 from mulcon.study import Study, Trial, choose, design, run_study
 from tests.conftest import ROOT
@@ -38,7 +41,7 @@ def test_the_choice_is_the_best_validation_map_the_recipe_first_on_a_tie():
 def test_the_study_chooses_on_val_without_a_test_split_reuses_its_trials_and_tests_the_choice(
         tiny_params, tiny_data, tmp_path, monkeypatch):
     # Two variants and three of their trials keep the test quick; the code path is the whole study's.
-    monkeypatch.setattr(mulcon.study, "design", lambda variant, base: design(variant, base)[:2] + design(variant, base)[3:4])
+    monkeypatch.setattr(mulcon.study, "design", lambda variant, base: design(variant, base)[:2] + design(variant, base)[-2:-1])
     variants = ("backbone_bce", "mulcon")
     prepared = tiny_data / "prepared" / "demo"
     hidden = tmp_path / "hidden-test.csv"
@@ -78,3 +81,28 @@ def test_the_study_chooses_on_val_without_a_test_split_reuses_its_trials_and_tes
         for folder in ("", "seed1"):
             metrics = json.loads((tmp_path / "work" / "reports" / variant / folder / "metrics.json").read_text())
             assert metrics["split"] == "test" and metrics["num_images"] == 12
+    # Where the chosen MulCon loses per class, beside where its attention falls.
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_class.csv")))
+    aps = {variant: {row["class"]: float(row["ap"]) for row in csv.DictReader(open(tmp_path / "work" / "reports" / variant
+                                                                                    / "per_class_ap.csv"))}
+           for variant in variants}
+    seed1 = {variant: {row["class"]: float(row["ap"]) for row in csv.DictReader(open(tmp_path / "work" / "reports" / variant
+                                                                                     / "seed1" / "per_class_ap.csv"))}
+             for variant in variants}
+    first = rows[0]
+    expected = {variant: (aps[variant][first["class"]] + seed1[variant][first["class"]]) / 2 for variant in variants}
+    assert float(first["gain"]) == pytest.approx(expected["mulcon"] - expected["backbone_bce"], abs=0.01)
+    assert [float(row["gain"]) for row in rows] == sorted(float(row["gain"]) for row in rows)
+    assert all(0 <= float(row["attention_on_object"]) <= 1 and 0 < float(row["uniform_on_object"]) <= 1 for row in rows)
+    assert (tmp_path / "out" / "attention_worst.png").stat().st_size > 1000
+
+
+def test_attention_on_objects_counts_the_mass_on_the_tokens_a_box_covers():
+    maps = np.zeros((2, 2, 3, 3), np.float32)
+    maps[0, 0] = 1 / 9  # uniform
+    maps[1, 1, 0, 0] = 1.0  # all on the top-left token
+    boxes = [[(0, (0.0, 0.0, 0.3, 0.3))],  # image 0: label 0 in the top-left token
+             [(1, (0.0, 0.0, 0.5, 0.2)), (1, (0.9, 0.9, 1.0, 1.0))]]  # image 1: label 1, two boxes, three tokens
+    found = attention_on_objects(maps, boxes, num_labels=2)
+    assert found[0] == pytest.approx({"on_object": 1 / 9, "uniform": 1 / 9, "images": 1})
+    assert found[1] == pytest.approx({"on_object": 1.0, "uniform": 3 / 9, "images": 1})
