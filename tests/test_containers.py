@@ -3,10 +3,13 @@ its inputs do not change) and `python -m pipeline run-local --runner docker`, ev
 image as uid 1000 and as an arbitrary uid of group 0, against an MLflow server on PostgreSQL, with
 the data of a revision fetched by DVC from moto's S3 and the repository served by `git daemon`,
 all on 127.0.0.1 over the host network. kfp.local.DockerRunner may call a failed task a success:
-the checks read MLflow and the outputs, never the task status."""
+the checks read MLflow and the outputs, never the task status. A training task's container killed
+after an epoch, and its retry in a new container resuming from the checkpoint volume."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -124,6 +127,123 @@ def test_the_tiny_pipeline_runs_in_the_project_image_into_mlflow(user, docker_ap
     for run in children:
         assert {"test_mAP", "test_CF1", "test_OF1"} <= set(run.data.metrics)
         assert run.data.metrics["test_mAP"] > 0
+
+
+def component_command(component, task_root: Path, parameters: dict, inputs: dict, outputs: tuple[str, ...]) -> list:
+    """The command a pod's container runs for `component`: its own command and args with the
+    executor input of `parameters`, the input artifacts `inputs` (name -> the entry the task that
+    wrote it left in its executor_output.json) and the output artifacts `outputs` under `task_root`."""
+    spec = component.component_spec
+    produced = {name: {"artifacts": [{"name": name, "uri": str(task_root / name), "metadata": {},
+                                      "type": {"schemaTitle": spec.outputs[name].type.split("@")[0]}}]}
+                for name in outputs}
+    executor_input = {
+        "inputs": {"parameterValues": parameters,
+                   "artifacts": {name: {"artifacts": [artifact]} for name, artifact in inputs.items()}},
+        "outputs": {"artifacts": produced, "outputFile": str(task_root / "executor_output.json")}}
+    container = spec.implementation.container
+    return [*container.command, *(json.dumps(executor_input) if arg == "{{$}}" else arg for arg in container.args)]
+
+
+@pytest.fixture
+def start_task(docker_api, project_image, monkeypatch):
+    """start_task(component, task_root, mounts, inputs, outputs, **parameters): the container a pod
+    runs for `component` (component_command) in the project image, as the image's user, with no
+    network and `mounts` (host folder -> mount path). Every container is removed after the test."""
+    import docker
+
+    from pipeline.containers import docker_client, local_image
+
+    if docker_api[1]:
+        monkeypatch.setenv("DOCKER_HOST", docker_api[1])
+    client = docker_client()
+    image, started = local_image(client, project_image), []
+
+    def start(component, task_root: Path, mounts: dict[Path, str], inputs: dict, outputs: tuple[str, ...],
+              **parameters):
+        volumes = {str(source): {"bind": target, "mode": "rw"} for source, target in mounts.items()}
+        command = component_command(component, task_root, parameters, inputs, outputs)
+        started.append(client.containers.run(image, command, detach=True, network_mode="none", volumes=volumes))
+        return started[-1]
+
+    yield start
+    for container in started:
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+
+
+def finish(container) -> tuple[int, str]:
+    """(exit status, log) of `container`, once it has ended."""
+    status = container.wait(timeout=600)["StatusCode"]
+    return status, container.logs().decode(errors="replace")
+
+
+def kill_after(container, path: Path, seconds: float = 300) -> tuple[int, str]:
+    """SIGKILL `container` (as a lost node or the OOM killer does) once `path` exists; its (exit
+    status, log), 137 when it was killed."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        container.reload()
+        if container.status != "running":
+            break
+        time.sleep(0.1)
+    if path.exists():
+        container.kill(signal="SIGKILL")
+    return finish(container)
+
+
+@pytest.mark.timeout(2400)  # a cold build of the image, as above
+def test_a_killed_training_container_resumes_in_a_new_container_from_the_checkpoint_volume(start_task, tmp_path):
+    """The pretrain task's command in the project image, with the volumes its pod mounts, killed
+    once an epoch's checkpoint is on the checkpoint volume; its retry, a new container (a fresh
+    file system) on the same volumes, resumes from that epoch. Without the checkpoint volume at
+    checkpoint_root (none mounted there, or a relative checkpoint_root: the container's own file
+    system) no checkpoint reaches the volume and a retry starts from epoch 0: this test fails."""
+    from components import CHECKPOINT_ROOT, DATA_ROOT
+    from components.prepare import prepare
+    from components.train import pretrain
+    from mulcon import checkpoint
+    from mulcon.data import make_demo
+    from tests.conftest import TINY
+
+    epochs, kfp, working_data = 4, tmp_path / "kfp", tmp_path / "working-tree-data"
+    data_volume, checkpoint_volume = tmp_path / "data-volume", tmp_path / "checkpoint-volume"
+    make_demo(working_data / "demo", num_train=24, num_val=12, image_size=48, seed=0)
+    for folder in (data_volume, checkpoint_volume, kfp):
+        folder.mkdir()
+    for path in (data_volume, checkpoint_volume, kfp, working_data, *working_data.rglob("*")):
+        path.chmod(0o777 if path.is_dir() else 0o644)  # the image's user is not this one
+    # The claims mounted as the compiled tasks mount them (test_cluster.py::test_compiled_tasks_mount_
+    # the_volume_claims_they_need_and_nothing_else); the artifacts at their own path, as kfp.local
+    # mounts its pipeline root. prepare takes the working directory's data (data_revision ""), here
+    # mounted as the image's data/ folder.
+    prepared = start_task(prepare, kfp / "prepare", {data_volume: DATA_ROOT, working_data: "/opt/mulcon/data",
+                                                     kfp: str(kfp)}, {}, ("data",),
+                          dataset="demo", data_revision="", repo_url="", dvc_remote="", params_file="params.yaml",
+                          overrides=TINY, pretrain_epochs=epochs, finetune_epochs=1, pipeline_run="run-1",
+                          data_root=DATA_ROOT, checkpoint_root=CHECKPOINT_ROOT)
+    status, log = finish(prepared)
+    assert status == 0, log[-3000:]
+    [data] = json.loads((kfp / "prepare" / "executor_output.json").read_text())["artifacts"]["data"]["artifacts"]
+    inputs = {"data": {**data, "type": {"schemaTitle": "system.Dataset"}}}
+    mounts = {data_volume: DATA_ROOT, checkpoint_volume: CHECKPOINT_ROOT, kfp: str(kfp)}
+
+    def train(attempt: str):
+        return start_task(pretrain, kfp / attempt, mounts, inputs, ("model",), pipeline_run="run-1", gpus=1)
+
+    saved = checkpoint_volume / "run-1" / "mulcon" / "pretrain" / "checkpoint.pt"
+    status, log = kill_after(train("pretrain-1"), saved)
+    assert status == 137, f"not killed after a checkpoint at {saved} (exit status {status}):\n{log[-3000:]}"
+    checkpointed = checkpoint.load(saved)["epoch"]
+    assert 1 <= checkpointed < epochs, log[-3000:]
+    status, log = finish(train("pretrain-2"))  # the retry: a new container
+    assert status == 0, log[-3000:]
+    assert f"resuming mulcon/pretrain from epoch {checkpointed}\n" in log, log[-3000:]
+    trained = [int(line.split("mulcon/pretrain epoch ")[1].split("/")[0]) for line in log.splitlines()
+               if "mulcon/pretrain epoch " in line]
+    assert trained == list(range(checkpointed + 1, epochs + 1)), log[-3000:]
+    history = json.loads((kfp / "pretrain-2" / "model" / "pretrain" / "history.json").read_text())
+    assert [record["epoch"] for record in history] == list(range(1, epochs + 1))
 
 
 def fails(*argv: str, **environment: str) -> str:
