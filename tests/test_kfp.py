@@ -57,7 +57,7 @@ def test_compiled_training_tasks_request_gpus_and_get_secrets(tmp_path):
     loop = tasks["for-loop-2"]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 4
     assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [
-        "backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain"]
+        "backbone_bce", "backbone_bce_scl", "mulcon_bce", "mulcon_no_pretrain", "mulcon_step2_bce"]
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert {"dataset", "pretrain_epochs", "finetune_epochs", "gpus", "data_revision"} <= set(parameters)
     assert not [name for name in parameters if any(word in name for word in ("secret", "token", "password", "key"))]
