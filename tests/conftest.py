@@ -24,6 +24,25 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_TRAINING, "train.device=cpu", "tracking.enabled=false"]
 
 
+# The slowest tests (minutes each: whole pipelines), collected first, so that `make test`'s two workers
+# share them from the start instead of one worker finishing the last of them alone.
+SLOWEST_FIRST = (
+    "tests/test_pipeline.py::test_dvc_repro_runs_the_pipeline_into_mlflow",
+    "tests/test_containers.py::test_the_tiny_pipeline_runs_in_the_project_image_into_mlflow",
+    "tests/test_kfp.py::test_run_local_runs_the_whole_pipeline_into_mlflow",
+    "tests/test_retrain.py::",
+    "tests/test_tracking.py::test_a_tracking_outage_loses_no_epoch",
+    "tests/test_tracking.py::test_training_against_a_real_mlflow_server",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    def rank(item) -> int:
+        return next((index for index, prefix in enumerate(SLOWEST_FIRST) if item.nodeid.startswith(prefix)),
+                    len(SLOWEST_FIRST))
+    items.sort(key=rank)  # stable: every other test keeps its place
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A prepared tiny demo set: <root>/data/demo (raw) and <root>/prepared/demo."""
