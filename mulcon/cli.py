@@ -168,6 +168,9 @@ def study(config: Config, args: argparse.Namespace) -> None:
     if unknown:
         raise ConfigError(f"--variant {unknown[0]}: not one of {', '.join(VARIANTS)}")
     chosen = run_study(args.params, args.overrides, args.out, args.work, variants=variants, phase=args.phase)
+    if args.phase == "status":
+        print((Path(args.out) / "val_grid.md").read_text(), end="")
+        return
     for variant, record in chosen.items():
         print(f"{variant}: {record['trial']} (val mAP {record['val_mAP']:.1f})")
     print(f"tables in {args.out}")
@@ -240,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", default="docs/study", help="records and tables (default: docs/study)")
             sub.add_argument("--work", default="study", help="the trials' models and checkpoints (default: study)")
             sub.add_argument("--variant", action="append", help="study only this variant (repeatable; default: all)")
-            sub.add_argument("--phase", choices=("select", "all"), default="all",
-                             help="select: the val trials and the choice only; all: then the 3-seed test")
+            sub.add_argument("--phase", choices=("select", "all", "status"), default="all",
+                             help="select: the val trials and the choice only; all: then the 3-seed test; "
+                                  "status: the grid of the trials recorded so far, training nothing")
         if name == "evaluate":
             sub.add_argument("--model", help="model file (default: <train.out_root>/<train.variant>/model.pt)")
             sub.add_argument("--out-dir", help="default: <evaluate.out_root>/<train.variant>")

@@ -141,12 +141,32 @@ class Study:
         for position in range(max(map(len, designs.values()))):  # trial by trial across variants: a
             for variant in variants:                               # stopped study has a comparable grid
                 records[variant].append(self.trial(variant, designs[variant][position]))
+                self.write_grid(records, complete=False)
         chosen = choose(records)
-        write_text(self.out / "val_grid.md", val_grid_markdown(records, chosen))
-        write_text(self.out / "val_grid.csv", val_grid_csv(records))
+        self.write_grid(records, complete=True)
         write_json(self.out / "chosen.json", {variant: {key: record[key] for key in ("trial", "overrides", "val_mAP")}
                                               for variant, record in chosen.items()})
         return chosen
+
+    def write_grid(self, records: dict[str, list[dict[str, Any]]], complete: bool) -> None:
+        """val_grid.md and val_grid.csv of the trials so far; the choices are marked once all are done."""
+        done = {variant: found for variant, found in records.items() if found}
+        note = "" if complete else "\n**Unfinished: trials of this study are still to run; nothing is chosen yet.**\n"
+        write_text(self.out / "val_grid.md", val_grid_markdown(done, choose(done) if complete else {}) + note)
+        write_text(self.out / "val_grid.csv", val_grid_csv(done))
+
+    def recorded(self, variants=VARIANTS) -> dict[str, list[dict[str, Any]]]:
+        """The trials recorded under the current config, code, libraries and data, in design order,
+        stopping at each variant's first missing one; trains nothing."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for variant in variants:
+            found[variant] = []
+            for trial in design(variant, self.base):
+                path, config = self.record_path(variant, trial), self.config(variant, trial)
+                if not path.exists() or stale_reason(record := json.loads(path.read_text()), config, "finetune") is not None:
+                    break
+                found[variant].append(record)
+        return found
 
     def test(self, chosen: dict[str, dict[str, Any]], seeds=TEST_SEEDS) -> Path:
         """Train each chosen setting under `seeds`, evaluate on test, write test.md and test.csv."""
@@ -219,12 +239,13 @@ def choose(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
 def val_grid_markdown(records: dict[str, list[dict[str, Any]]], chosen: dict[str, dict[str, Any]]) -> str:
     """One row per trial and variant: val mAP, val CF1/OF1, minutes; the chosen trial in bold."""
     lines = ["# The study's validation grid", "",
-             "One seed a trial; the chosen trial of each variant (highest val mAP) in bold.", ""]
+             "One seed a trial (train.seed 0); val: 80 images carved from train; the chosen trial of each variant "
+             "(highest val mAP) in bold.", ""]
     for variant, trials in records.items():
         lines += [f"## {VARIANT_NAMES[variant]} (`{variant}`)", "", "| trial | overrides | val mAP | val CF1 | val OF1 | minutes |",
                   "|---|---|---|---|---|---|"]
         for record in trials:
-            mark = "**" if record is chosen[variant] else ""
+            mark = "**" if record is chosen.get(variant) else ""
             lines.append(f"| {mark}{record['trial']}{mark} | {' '.join(record['overrides']) or '-'} | "
                          f"{mark}{record['val_mAP']:.1f}{mark} | {record['val_CF1'] or 0:.1f} | {record['val_OF1'] or 0:.1f} | "
                          f"{record['minutes']:.1f} |")
@@ -240,12 +261,17 @@ def val_grid_csv(records: dict[str, list[dict[str, Any]]]) -> str:
 
 def run_study(params: str | Path, overrides: list[str], out: str | Path, work: str | Path, *,
               variants=VARIANTS, seeds=TEST_SEEDS, phase: str = "all") -> dict[str, dict[str, Any]]:
-    """Select (every trial, on val), then test (the chosen settings under `seeds`), or one phase.
+    """Select (every trial, on val), then test (the chosen settings under `seeds`); with phase
+    "select" the first alone; with "status" only the grid of the trials recorded so far.
 
     Returns:
-        {variant: chosen trial record}.
+        {variant: chosen trial record} ({} for "status").
     """
     study = Study(params, overrides, out, work)
+    if phase == "status":
+        found = study.recorded(variants)
+        study.write_grid(found, complete=False)
+        return {}
     chosen = study.select(variants)
     if phase == "all":
         study.test(chosen, seeds)

@@ -62,6 +62,9 @@ def test_the_study_chooses_on_val_without_a_test_split_reuses_its_trials_and_tes
     grid = (tmp_path / "out" / "val_grid.md").read_text()
     assert f"**{chosen['mulcon']['trial']}**" in grid and "epochs x2" in grid
 
+    status = run_study(tiny_params, [], tmp_path / "out", tmp_path / "work", variants=variants, phase="status")
+    assert status == {} and "Unfinished" in (tmp_path / "out" / "val_grid.md").read_text()
+
     def no_training(*args, **kwargs):
         raise AssertionError("a recorded trial was trained again")
     with monkeypatch.context() as patched:
