@@ -32,14 +32,14 @@ from typing import Any
 
 from mulcon import checkpoint
 from mulcon.analysis import attention_on_objects, class_attention_figure, label_attention_maps
+from mulcon.config import VARIANTS, Config, load_config, to_dict
 from mulcon.data.dataset import ManifestDataset
 from mulcon.data.transforms import eval_transform
-from mulcon.inference import load_model
-from mulcon.runtime import resolve_device
-from mulcon.config import VARIANTS, Config, load_config, to_dict
 from mulcon.evaluate import evaluate_model
+from mulcon.inference import load_model
 from mulcon.io import write_json, write_text
 from mulcon.report import VARIANT_NAMES, ablation_markdown, ablation_rows, csv_text
+from mulcon.runtime import resolve_device
 from mulcon.spread import mean_class_ap, seed_dir
 from mulcon.train import provenance, run_training, stale_reason
 from mulcon.variants import plan_variant
@@ -197,8 +197,9 @@ class Study:
         config = self.config("mulcon", trial, seeds[0])
         dataset = ManifestDataset(config.data.prepared_dir, "test", eval_transform(config.data.image_size),
                                   image_size=config.data.cache_size)
-        network = load_model(self.run_dir("mulcon", trial, seeds[0]) / "model.pt", resolve_device(config.train.device))[0]
-        maps = label_attention_maps(network, dataset, resolve_device(config.train.device))
+        device = resolve_device(config.train.device)
+        network = load_model(self.run_dir("mulcon", trial, seeds[0]) / "model.pt", device)[0]
+        maps = label_attention_maps(network, dataset, device)
         where = attention_on_objects(maps, object_boxes(config, dataset), len(dataset.classes))
         reports = self.work / "reports"
         aps = {variant: mean_class_ap(reports, variant, list(seeds)) for variant in ("mulcon", "backbone_bce")}
