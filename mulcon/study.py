@@ -14,7 +14,8 @@ Each variant gets the same number of trials, one seed (train.seed) each:
 
 A trial is kept in `<out>/trials/<variant>/<trial>.json` with the config, code, libraries and data it
 was made under (`mulcon.train.provenance`); a later run reuses it only when all four still match, so
-the study resumes where it stopped, also on another machine that has the committed records.
+the study resumes where it stopped, also on another machine that has the committed records. Each
+test evaluation of a chosen setting is kept the same way in `<out>/test_runs/<variant>[/seed<k>]`.
 The choice reads the trials' validation mAP alone (the model each trial saved); no test image is
 read until every choice is made. The chosen settings then train under each seed of `seeds` and are
 evaluated on test: `<out>/test.md` is Table 3 with mean ± std and paired intervals (`mulcon.report`).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +37,24 @@ from mulcon.analysis import attention_on_objects, class_attention_figure, label_
 from mulcon.config import VARIANTS, Config, load_config, to_dict
 from mulcon.data.dataset import ManifestDataset
 from mulcon.data.transforms import eval_transform
+from mulcon.data.identity import data_identity
 from mulcon.evaluate import evaluate_model
+from mulcon.fingerprint import code_fingerprint
 from mulcon.inference import load_model
 from mulcon.io import write_json, write_text
 from mulcon.report import VARIANT_NAMES, ablation_markdown, ablation_rows, csv_text
 from mulcon.runtime import resolve_device
 from mulcon.spread import mean_class_ap, seed_dir
-from mulcon.train import provenance, run_training, stale_reason
+from mulcon.train import provenance, run_training, stale_reason, training_splits
 from mulcon.variants import plan_variant
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_VARIANTS = ("backbone_bce", "backbone_bce_scl")
 TEST_SEEDS = (0, 1, 2)
+# What the test table and the per-class comparison read of an evaluation; kept under <out>/test_runs.
+TEST_FILES = ("metrics.json", "per_class_ap.csv", "scores.npz")
+EVALUATION_KEYS = ("split", "threshold", "calibrate")  # evaluate.* keys a test report depends on
 
 
 @dataclass(frozen=True)
@@ -168,16 +175,44 @@ class Study:
                 found[variant].append(record)
         return found
 
+    def test_provenance(self, config: Config) -> dict[str, dict[str, str]]:
+        """What a test evaluation depends on besides its config: the training and evaluation code,
+        the libraries, and the data of training and of the test split."""
+        made = provenance(config)
+        splits = (*training_splits(config), config.evaluate.split)
+        return {**made, "code": {**made["code"], **code_fingerprint("evaluate")},
+                "data": data_identity(config.data.prepared_dir, splits, config.data.cache_size)}
+
+    def test_run(self, variant: str, trial: Trial, seed: int, main_seed: int) -> Path:
+        """The folder of `variant`'s `trial` trained under `seed` and evaluated on test (TEST_FILES
+        and record.json): reused when made under this config, code, libraries and data, else made."""
+        config = self.config(variant, trial, seed)
+        folder, made_from = seed_dir(self.out / "test_runs", variant, seed, main_seed), self.test_provenance(config)
+        record_path = folder / "record.json"
+        if record_path.exists() and all((folder / name).exists() for name in TEST_FILES):
+            kept = json.loads(record_path.read_text())
+            reason = stale_reason(kept, config, "finetune", made_from)
+            if reason is None and any(kept["config"].get("evaluate", {}).get(key) != getattr(config.evaluate, key)
+                                      for key in EVALUATION_KEYS):
+                reason = "under another evaluate section"
+            if reason is None:
+                return folder
+            logger.info("%s was made %s: %s/%s seed %d is tested again", record_path, reason, variant, trial.name, seed)
+        record_path.unlink(missing_ok=True)  # the files below are only valid once the record is written
+        scratch = seed_dir(self.work / "reports", variant, seed, main_seed)
+        evaluate_model(config, self._train(config, variant, trial, seed), scratch)
+        for name in TEST_FILES:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(scratch / name, folder / name)
+        write_json(record_path, {"variant": variant, "trial": trial.name, "seed": seed, "config": to_dict(config), **made_from})
+        return folder
+
     def test(self, chosen: dict[str, dict[str, Any]], seeds=TEST_SEEDS) -> Path:
         """Train each chosen setting under `seeds`, evaluate on test, write test.md and test.csv."""
-        reports = self.work / "reports"
-        for variant, record in chosen.items():
-            trial = Trial(record["trial"], tuple(record["overrides"]))
-            for seed in seeds:
-                config = self.config(variant, trial, seed)
-                model = self._train(config, variant, trial, seed)
-                evaluate_model(config, model, seed_dir(reports, variant, seed, seeds[0]))
-        rows = ablation_rows(reports, list(seeds), variants=tuple(chosen))
+        for seed in seeds:  # seed by seed: a stopped study has every variant's first seeds
+            for variant, record in chosen.items():
+                self.test_run(variant, Trial(record["trial"], tuple(record["overrides"])), seed, seeds[0])
+        rows = ablation_rows(self.out / "test_runs", list(seeds), variants=tuple(chosen))
         for row in rows:
             row["setting"] = chosen[row["variant"]]["trial"]
         table = ablation_markdown(rows, self.base.data.dataset, "test", list(seeds))
@@ -198,11 +233,10 @@ class Study:
         dataset = ManifestDataset(config.data.prepared_dir, "test", eval_transform(config.data.image_size),
                                   image_size=config.data.cache_size)
         device = resolve_device(config.train.device)
-        network = load_model(self.run_dir("mulcon", trial, seeds[0]) / "model.pt", device)[0]
+        network = load_model(self._train(config, "mulcon", trial, seeds[0]), device)[0]  # trained if not kept
         maps = label_attention_maps(network, dataset, device)
         where = attention_on_objects(maps, object_boxes(config, dataset), len(dataset.classes))
-        reports = self.work / "reports"
-        aps = {variant: mean_class_ap(reports, variant, list(seeds)) for variant in ("mulcon", "backbone_bce")}
+        aps = {variant: mean_class_ap(self.out / "test_runs", variant, list(seeds)) for variant in ("mulcon", "backbone_bce")}
         rows = [{"class": name, "ap_mulcon": round(aps["mulcon"][name], 2), "ap_backbone_bce": round(aps["backbone_bce"][name], 2),
                  "gain": round(aps["mulcon"][name] - aps["backbone_bce"][name], 2),
                  "attention_on_object": round(where[index]["on_object"], 3), "uniform_on_object": round(where[index]["uniform"], 3),

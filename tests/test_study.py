@@ -15,6 +15,7 @@ import mulcon.study
 from mulcon.analysis import attention_on_objects
 from mulcon.config import VARIANTS, load_config
 from mulcon.study import Study, Trial, choose, design, run_study
+from mulcon.train import run_training
 from tests.conftest import ROOT
 
 
@@ -98,6 +99,32 @@ def test_the_study_chooses_on_val_without_a_test_split_reuses_its_trials_and_tes
     assert [float(row["gain"]) for row in rows] == sorted(float(row["gain"]) for row in rows)
     assert all(0 <= float(row["attention_on_object"]) <= 1 and 0 < float(row["uniform_on_object"]) <= 1 for row in rows)
     assert (tmp_path / "out" / "attention_worst.png").stat().st_size > 1000
+
+    # The test evaluations are kept with the records: a fresh clone's rerun reuses them, training only
+    # the seed-0 MulCon model whose attention per_class reads; another config tests again.
+    for variant in variants:
+        for folder in ("", "seed1"):
+            kept = tmp_path / "out" / "test_runs" / variant / folder
+            assert json.loads((kept / "record.json").read_text())["seed"] == (1 if folder else 0)
+            assert (kept / "metrics.json").read_bytes() == (tmp_path / "work" / "reports" / variant / folder / "metrics.json").read_bytes()
+    trained = []
+
+    def counted(config, **kwargs):
+        trained.append((config.train.variant, config.train.seed))
+        return run_training(config, **kwargs)
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a kept test evaluation was made again")
+    with monkeypatch.context() as patched:
+        patched.setattr(mulcon.study, "run_training", counted)
+        patched.setattr(mulcon.study, "evaluate_model", no_evaluation)
+        shutil.rmtree(tmp_path / "work")
+        Study(tiny_params, [], tmp_path / "out", tmp_path / "work").test(chosen, seeds=(0, 1))
+    assert (tmp_path / "out" / "test.md").read_text() == table and trained == [("mulcon", 0)]
+    study = Study(tiny_params, ["evaluate.threshold=0.4"], tmp_path / "out", tmp_path / "work")
+    with pytest.raises(AssertionError, match="made again"), monkeypatch.context() as patched:
+        patched.setattr(mulcon.study, "evaluate_model", no_evaluation)
+        study.test_run("backbone_bce", Trial(chosen["backbone_bce"]["trial"], tuple(chosen["backbone_bce"]["overrides"])), 0, 0)
 
 
 def test_attention_on_objects_counts_the_mass_on_the_tokens_a_box_covers():
