@@ -136,3 +136,34 @@ def test_attention_on_objects_counts_the_mass_on_the_tokens_a_box_covers():
     found = attention_on_objects(maps, boxes, num_labels=2)
     assert found[0] == pytest.approx({"on_object": 1 / 9, "uniform": 1 / 9, "images": 1})
     assert found[1] == pytest.approx({"on_object": 1.0, "uniform": 3 / 9, "images": 1})
+
+
+def test_a_kept_test_evaluation_is_reused_only_under_the_same_config_evaluation_code_and_data(tiny_params, tmp_path, monkeypatch):
+    made = []
+
+    def fake_evaluation(config, model, out_dir):
+        made.append(config.evaluate.threshold)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in mulcon.study.TEST_FILES:
+            (out_dir / name).write_text(str(len(made)))
+    monkeypatch.setattr(mulcon.study, "evaluate_model", fake_evaluation)
+    monkeypatch.setattr(Study, "_train", lambda self, config, variant, trial, seed: tmp_path / "model.pt")
+    trial = Trial("recipe", ())
+
+    def run(*overrides):
+        return Study(tiny_params, list(overrides), tmp_path / "out", tmp_path / "work").test_run("mulcon", trial, 1, 0)
+    folder = run()
+    assert folder == tmp_path / "out" / "test_runs" / "mulcon" / "seed1" and made == [0.5]
+    assert run() == folder and made == [0.5]  # kept
+    run("evaluate.threshold=0.4")  # the threshold changes CF1/OF1, though not the training
+    run("loss.temperature=0.5")
+    assert made == [0.5, 0.4, 0.5] and (folder / "metrics.json").read_text() == "3"
+    record = json.loads((folder / "record.json").read_text())
+    assert "mulcon/evaluate.py" in record["code"]  # the evaluation code is recorded too
+    record["code"]["mulcon/evaluate.py"] = "edited"
+    (folder / "record.json").write_text(json.dumps(record))
+    run("loss.temperature=0.5")
+    assert len(made) == 4  # other evaluation code: made again
+    (folder / "scores.npz").unlink()
+    run("loss.temperature=0.5")
+    assert len(made) == 5  # a kept file missing: made again
