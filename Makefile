@@ -45,7 +45,7 @@ study: $(STAMP)
 	test -d data/demo || python -m mulcon make-demo
 	dvc add --quiet data
 	dvc repro prepare
-	python -m mulcon study
+	python -m mulcon study --params docs/study/recipe.yaml
 
 # make test: two pytest workers (README: the measured times against one worker)
 test: $(STAMP)

@@ -1,8 +1,9 @@
 """The demo study: every variant's setting chosen on the validation split under one tuning budget,
 then the chosen settings measured on test over three seeds (`python -m mulcon study`, `make study`).
 
-Design: one factor at a time from the demo recipe of params.yaml (the full grid of the factors
-below is 2 x 2 x 2 x 3 x 3 x 2 = 144 runs a variant, about 40 hours of the 2-core machine).
+Design: one factor at a time from the demo recipe (`make study`: docs/study/recipe.yaml, the
+params.yaml the study was run from; the full grid of the factors below is 2 x 2 x 2 x 3 x 3 x 2 =
+144 runs a variant, about 40 hours of the 2-core machine).
 Each variant gets the same number of trials, one seed (train.seed) each:
 - every variant: the learning rate of its last step x0.3 and x3, that step's backbone_lr_scale
   0.1, and the epoch budget x2 and x3 (the same 5:3 split: 10 + 6, 15 + 9) (step 2's `finetune.lr`

@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 
 
 def test_every_variant_gets_the_same_number_of_trials_and_the_backbones_their_learning_rates():
-    base = load_config(ROOT / "params.yaml", [])
+    base = load_config(ROOT / "docs" / "study" / "recipe.yaml", [])  # the study's base recipe
     trials = {variant: design(variant, base) for variant in VARIANTS}
     assert len({len(found) for found in trials.values()}) == 1
     assert all(found[0] == Trial("recipe", ()) for found in trials.values())
